@@ -1,0 +1,215 @@
+"""One interface over every generator genalign trains or samples: `velocity(x_t, t, cond)`.
+
+An adapter wraps a loaded diffusers pipeline (its denoiser, text encoders, tokenizers, VAE and scheduler) and
+speaks the flow convention of `genalign.flow`: t in [0, 1], t = 1 is noise, the output is v = eps - x0 in the
+*normalised* latent space (the space the denoiser sees). Losses, trainers, samplers and guidance only ever call
+this interface, so each of them is written once for SD3, FLUX, Wan and UNet models alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Cond = dict[str, torch.Tensor]
+
+
+class ModelLoadError(ValueError):
+    """A model folder or hub id that cannot be used as asked (wrong family, empty tokenizer, ...)."""
+
+
+@dataclass
+class LoraSpec:
+    rank: int = 8
+    alpha: float | None = None  # defaults to rank (scale 1)
+    target_modules: tuple[str, ...] | None = None  # None: the family's attention projections
+    dropout: float = 0.0
+    adapter_name: str = "default"
+
+
+class FlowAdapter:
+    """Base class. Subclasses set `family`, `pipeline_class` and implement the model-specific parts."""
+
+    family: str = ""
+    pipeline_class_names: tuple[str, ...] = ()
+    default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    is_video: bool = False
+
+    def __init__(self, pipe, device: str | torch.device | None = None):
+        self.pipe = pipe
+        for m in self.text_encoders():
+            m.requires_grad_(False).eval()
+        if getattr(pipe, "vae", None) is not None:
+            pipe.vae.requires_grad_(False).eval()
+        self.denoiser.eval()
+        if device is not None:
+            self.to(device)
+        validate_tokenizers(pipe)
+
+    # --------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, torch_dtype=None, device=None, **kwargs) -> "FlowAdapter":
+        """Load a pipeline folder (or hub id) of this family and wrap it."""
+        from diffusers import DiffusionPipeline
+
+        check_family(path_or_id, cls)
+        kwargs.setdefault("use_safetensors", True)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(str(path_or_id), torch_dtype=torch_dtype, **kwargs)
+        except OSError as e:
+            raise ModelLoadError(f"could not load a {cls.family} pipeline from {str(path_or_id)!r}: {e}") from e
+        return cls(pipe, device=device)
+
+    # --------------------------------------------------------------------------------- components
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        return [getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    def to(self, device) -> "FlowAdapter":
+        self.pipe.to(device)
+        return self
+
+    # --------------------------------------------------------------------------------- the interface
+    def encode_prompt(self, prompts: list[str]) -> Cond:
+        raise NotImplementedError
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> normalised latents (mean of the posterior: deterministic, cacheable)."""
+        raise NotImplementedError
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> pixels in [-1, 1]."""
+        raise NotImplementedError
+
+    @staticmethod
+    def cat_cond(conds: list[Cond]) -> Cond:
+        """Concatenate conditionings along the batch (e.g. unconditional + conditional for CFG)."""
+        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+    @staticmethod
+    def repeat_cond(cond: Cond, n: int) -> Cond:
+        return {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}
+
+    def default_sampling(self) -> dict[str, Any]:
+        """Scheduler shift etc. read from the pipeline's own scheduler config."""
+        cfg = self.pipe.scheduler.config
+        return {"shift": float(cfg.get("shift", 1.0))}
+
+    def set_schedule(self, scheduler, num_steps: int, latents: torch.Tensor) -> None:
+        """Set sampling timesteps on a copy of the pipeline's scheduler (FLUX overrides it: resolution shift)."""
+        scheduler.set_timesteps(num_steps, device=latents.device)
+
+    # --------------------------------------------------------------------------------- LoRA
+    def add_lora(self, spec: LoraSpec | None = None) -> str:
+        """Attach a fresh LoRA adapter (peft, diffusers naming) to the denoiser; returns its name."""
+        from peft import LoraConfig
+
+        spec = spec or LoraSpec()
+        config = LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,
+            target_modules=list(spec.target_modules or self.default_lora_targets),
+            lora_dropout=spec.dropout,
+            init_lora_weights=True,
+        )
+        self.denoiser.add_adapter(config, adapter_name=spec.adapter_name)
+        return spec.adapter_name
+
+    @contextlib.contextmanager
+    def lora_disabled(self):
+        """The reference model: the same network with every adapter switched off."""
+        if not getattr(self.denoiser, "_hf_peft_config_loaded", False):
+            yield
+            return
+        self.denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            self.denoiser.enable_adapters()
+
+    def lora_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name)
+
+    def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+        """Write the adapter so that `pipe.load_lora_weights(directory)` of the stock pipeline loads it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        # The peft state dict is passed as is: converting it changes key names that SD3/Flux/Wan loaders
+        # then silently skip (ENVIRONMENT.md).
+        state = {k: v.detach().contiguous() for k, v in self.lora_state_dict(adapter_name).items()}
+        self.pipe.save_lora_weights(directory, **{self.lora_save_kwarg: state}, safe_serialization=True)
+        return directory
+
+    lora_save_kwarg = "transformer_lora_layers"
+
+    def load_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> None:
+        self.pipe.load_lora_weights(str(directory), adapter_name=adapter_name)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+
+def validate_tokenizers(pipe) -> None:
+    """Offline, a hub tokenizer can load EMPTY without an error (ENVIRONMENT.md); refuse it clearly."""
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tok = getattr(pipe, name, None)
+        if tok is None:
+            continue
+        if len(tok) < 8:
+            raise ModelLoadError(
+                f"{name} has only {len(tok)} tokens: it was probably not found (offline hub lookups return an "
+                "empty tokenizer). Point --model at a local folder that contains the tokenizer files."
+            )
+
+
+def read_model_index(path_or_id: str | os.PathLike) -> dict | None:
+    import json
+
+    index = Path(path_or_id) / "model_index.json"
+    if index.is_file():
+        return json.loads(index.read_text())
+    return None
+
+
+def check_family(path_or_id, adapter_cls) -> None:
+    """Refuse a pipeline folder of another family before loading gigabytes of weights."""
+    p = Path(path_or_id)
+    if p.exists() and not p.is_dir():
+        raise ModelLoadError(f"{str(p)!r} is a file; expected a diffusers pipeline folder (with model_index.json)")
+    if p.is_dir():
+        index = read_model_index(p)
+        if index is None:
+            raise ModelLoadError(f"{str(p)!r} has no model_index.json: not a diffusers pipeline folder")
+        cls_name = index.get("_class_name", "?")
+        if adapter_cls.pipeline_class_names and cls_name not in adapter_cls.pipeline_class_names:
+            raise ModelLoadError(
+                f"{str(p)!r} holds a {cls_name}, not a {adapter_cls.family} model "
+                f"(expected one of {', '.join(adapter_cls.pipeline_class_names)}); "
+                f"use genalign.models.load_adapter to pick the family automatically"
+            )
+

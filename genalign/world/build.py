@@ -1,0 +1,279 @@
+"""`genalign world build`: rebuild the world's shipped base generators from scratch on a CPU.
+
+Image model: an SD3-family pipeline (SD3Transformer2DModel + a small AutoencoderKL + two frozen random-init
+CLIP text encoders with the world's word-level tokenizer, no T5), pretrained by flow matching on the imperfect
+corpus. Video model: a Wan-family pipeline (WanTransformer3DModel + a frozen random-init UMT5 encoder) over the
+image autoencoder applied frame by frame (see genalign.world.video_vae).
+Everything is seeded; the time each stage took is written to BUILD.json next to the models.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import flow
+from .corpus import make_image_corpus, make_video_corpus
+from .tokenizer import MAX_LENGTH, build_tokenizer
+
+TEXT_DIM = 32
+
+
+@dataclass
+class BuildConfig:
+    seed: int = 0
+    image_corpus: int = 30000
+    video_corpus: int = 6000
+    vae_steps: int = 600
+    image_steps: int = 4000
+    video_steps: int = 3000
+    batch_size: int = 64
+    lr: float = 3e-4
+    ema_decay: float = 0.999
+    cfg_dropout: float = 0.1
+    threads: int = 0  # 0: torch's default
+
+
+def clip_text_encoder(vocab_size: int, seed: int, eos_id: int, pad_id: int, bos_id: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_DIM,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=MAX_LENGTH,
+        projection_dim=TEXT_DIM,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        bos_token_id=bos_id,
+    )
+    return CLIPTextModelWithProjection(cfg).eval()
+
+
+def small_vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def image_pipeline(seed: int, vae=None):
+    """A randomly initialised world image pipeline (StableDiffusion3Pipeline)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tok = build_tokenizer()
+    ids = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, bos_id=tok.bos_token_id)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=2 * TEXT_DIM,
+        caption_projection_dim=128,
+        pooled_projection_dim=2 * TEXT_DIM,
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=vae if vae is not None else small_vae(seed),
+        text_encoder=clip_text_encoder(len(tok), seed + 1, **ids),
+        tokenizer=tok,
+        text_encoder_2=clip_text_encoder(len(tok), seed + 2, **ids),
+        tokenizer_2=copy.deepcopy(tok),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def to_pixels(batch_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(batch_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def train_vae(vae, images: np.ndarray, steps: int, batch_size: int, seed: int, lr: float = 1e-3) -> list[float]:
+    """Reconstruction + a small KL, enough for a faithful 4x16x16 latent space of 32x32 renders."""
+    g = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    vae.train()
+    losses = []
+    for step in (bar := tqdm(range(steps), desc="world: autoencoder", mininterval=5)):
+        x = to_pixels(images[g.integers(0, len(images), batch_size)])
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample()).sample
+        loss = torch.nn.functional.mse_loss(recon, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+    vae.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def encode_raw(vae, media: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """Posterior means of uint8 images (N, H, W, 3) or videos (N, F, H, W, 3), before normalisation."""
+    flat = media.reshape(-1, *media.shape[-3:])
+    out = torch.cat([vae.encode(to_pixels(flat[i : i + batch_size])).latent_dist.mean for i in range(0, len(flat), batch_size)])
+    if media.ndim == 5:  # (N*F, C, h, w) -> (N, C, F, h, w)
+        n, f = media.shape[:2]
+        out = out.reshape(n, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+    return out
+
+
+def pretrain_flow(
+    adapter,
+    latents: torch.Tensor,
+    captions: list[str],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    cfg_dropout: float,
+    ema_decay: float,
+    desc: str,
+) -> list[float]:
+    """Plain flow-matching pretraining (logit-normal t) of the whole denoiser on cached latents and prompts.
+
+    The text encoders are frozen, so each distinct caption is encoded once.
+    """
+    unique = sorted(set(captions))
+    index = {c: i for i, c in enumerate(unique)}
+    cap_idx = torch.tensor([index[c] for c in captions])
+    table = {k: torch.cat([v]) for k, v in adapter.encode_prompt(unique).items()}
+    empty = adapter.encode_prompt([""])
+    model = adapter.denoiser
+    model.train().requires_grad_(True)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = min(200, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))) * 0.9 + 0.1)
+    )
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in (bar := tqdm(range(steps), desc=desc, mininterval=5)):
+        idx = torch.randint(0, len(latents), (batch_size,), generator=g)
+        x0 = latents[idx]
+        drop = torch.rand(batch_size, generator=g) < cfg_dropout
+        cond = {k: torch.where(drop.view(-1, *([1] * (v.ndim - 1))), empty[k].expand_as(v[cap_idx[idx]]), v[cap_idx[idx]])
+                for k, v in table.items()}
+        t = flow.sample_logit_normal(batch_size, generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        x_t = flow.interpolate(x0, eps, t)
+        loss = torch.nn.functional.mse_loss(adapter.velocity(x_t, t, cond), flow.velocity_target(x0, eps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        losses.append(loss.item())
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+    model.load_state_dict(ema.state_dict())
+    model.eval().requires_grad_(False)
+    return losses
+
+
+def set_latent_normalisation(vae, raw: torch.Tensor) -> tuple[float, float]:
+    shift = float(raw.mean())
+    scale = float(1.0 / raw.std())
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    return shift, scale
+
+
+def build_image_model(out: Path, cfg: BuildConfig) -> dict:
+    from ..models.sd3 import SD3Adapter
+
+    stats: dict = {}
+    t0 = time.time()
+    corpus = make_image_corpus(cfg.image_corpus, seed=cfg.seed)
+    stats["corpus_s"] = time.time() - t0
+
+    t0 = time.time()
+    vae = small_vae(cfg.seed)
+    vae_losses = train_vae(vae, corpus.media, cfg.vae_steps, cfg.batch_size, cfg.seed)
+    raw = encode_raw(vae, corpus.media)
+    stats["latent_shift"], stats["latent_scale"] = set_latent_normalisation(vae, raw)
+    stats["vae_s"], stats["vae_final_loss"] = time.time() - t0, float(np.mean(vae_losses[-100:]))
+
+    pipe = image_pipeline(cfg.seed, vae=vae)
+    adapter = SD3Adapter(pipe)
+    latents = (raw - stats["latent_shift"]) * stats["latent_scale"]
+    t0 = time.time()
+    losses = pretrain_flow(adapter, latents, corpus.captions, cfg.image_steps, cfg.batch_size, cfg.lr, cfg.seed,
+                           cfg.cfg_dropout, cfg.ema_decay, "world: image model")
+    stats["flow_s"], stats["flow_final_loss"] = time.time() - t0, float(np.mean(losses[-100:]))
+    save_pipeline(pipe, out)
+    return stats
+
+
+def save_pipeline(pipe, out: Path) -> None:
+    """Write a pipeline folder atomically (temp folder, then rename) in safetensors."""
+    import shutil
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def build_world(out_dir: Path, cfg: BuildConfig, which: tuple[str, ...] = ("image", "video")) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_path = out_dir / "BUILD.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    for kind in which:
+        t0 = time.time()
+        if kind == "image":
+            stats = build_image_model(out_dir / "image-base", cfg)
+        elif kind == "video":
+            from .video import build_video_model
+
+            stats = build_video_model(out_dir / "video-base", out_dir / "image-base", cfg)
+        else:
+            raise ValueError(f"unknown world model {kind!r} (image or video)")
+        stats["total_s"] = time.time() - t0
+        report[kind] = {"config": asdict(cfg), "stats": stats, "torch": torch.__version__,
+                        "threads": torch.get_num_threads(), "machine": platform.machine()}
+        report_path.write_text(json.dumps(report, indent=2))
+    return report
