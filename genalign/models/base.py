@@ -9,6 +9,8 @@ this interface, so each of them is written once for SD3, FLUX, Wan and UNet mode
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,16 +56,31 @@ class FlowAdapter:
     # --------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, torch_dtype=None, device=None, **kwargs) -> "FlowAdapter":
-        """Load a pipeline folder (or hub id) of this family and wrap it."""
+        """Load a pipeline folder (or hub id) of this family and wrap it.
+
+        Keyword arguments that the adapter's constructor takes (e.g. `max_sequence_length`, FLUX's `guidance`) go
+        to it; the rest go to `DiffusionPipeline.from_pretrained`.
+        """
         from diffusers import DiffusionPipeline
 
+        own = set(inspect.signature(cls.__init__).parameters) - {"self", "pipe", "device"}
+        adapter_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in own}
         check_family(path_or_id, cls)
         kwargs.setdefault("use_safetensors", True)
         try:
             pipe = DiffusionPipeline.from_pretrained(str(path_or_id), torch_dtype=torch_dtype, **kwargs)
         except OSError as e:
             raise ModelLoadError(f"could not load a {cls.family} pipeline from {str(path_or_id)!r}: {e}") from e
-        return cls(pipe, device=device)
+        # check_family can only read local folders; a hub id is checked once loaded.
+        if cls.pipeline_class_names and type(pipe).__name__ not in cls.pipeline_class_names:
+            raise ModelLoadError(
+                f"{str(path_or_id)!r} holds a {type(pipe).__name__}, not a {cls.family} model "
+                f"(expected one of {', '.join(cls.pipeline_class_names)})"
+            )
+        try:
+            return cls(pipe, device=device, **adapter_kwargs)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{str(path_or_id)!r}: {e}") from e
 
     # --------------------------------------------------------------------------------- components
     @property
@@ -94,15 +111,39 @@ class FlowAdapter:
         raise NotImplementedError
 
     def latent_shape(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, ...]:
-        raise NotImplementedError
+        """Shape of one sample's (unpacked) latents for an image of height x width pixels."""
+        f = self.pipe.vae_scale_factor
+        return (self.denoiser.config.in_channels, height // f, width // f)
+
+    def latent_normalisation(self, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shift, scale) with normalised = (raw - shift) * scale, broadcastable against ndim-D latents.
+
+        The AutoencoderKL conventions of the diffusers pipelines: SD3/FLUX `(raw - shift_factor) * scaling_factor`,
+        SD1.5 `raw * scaling_factor`, SDXL-style VAEs with per-channel `latents_mean`/`latents_std`
+        `(raw - mean) * scaling_factor / std`.
+        """
+        cfg = self.pipe.vae.config
+        scale = torch.tensor(float(cfg.get("scaling_factor", 1.0) or 1.0))
+        shift = torch.tensor(float(cfg.get("shift_factor", 0.0) or 0.0))
+        view = (1, -1, *([1] * (ndim - 2)))
+        if cfg.get("latents_mean") is not None and cfg.get("latents_std") is not None:
+            shift = torch.tensor(cfg.latents_mean).view(view)
+            scale = scale / torch.tensor(cfg.latents_std).view(view)
+        return shift, scale
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] -> normalised latents (mean of the posterior: deterministic, cacheable)."""
-        raise NotImplementedError
+        vae = self.pipe.vae
+        raw = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+        shift, scale = (v.to(raw) for v in self.latent_normalisation(raw.ndim))
+        return ((raw - shift) * scale).to(self.dtype)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> pixels in [-1, 1]."""
-        raise NotImplementedError
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype)
+        shift, scale = (v.to(latents) for v in self.latent_normalisation(latents.ndim))
+        return vae.decode(latents / scale + shift, return_dict=False)[0]
 
     @staticmethod
     def cat_cond(conds: list[Cond]) -> Cond:
@@ -117,6 +158,11 @@ class FlowAdapter:
         """Scheduler shift etc. read from the pipeline's own scheduler config."""
         cfg = self.pipe.scheduler.config
         return {"shift": float(cfg.get("shift", 1.0))}
+
+    def sampling_scheduler(self):
+        """A fresh scheduler for `genalign.sampling`: a copy of the pipeline's own. It is stepped with velocities
+        and its `timesteps / num_train_timesteps` are flow times t (UNetAdapter returns a flow-matching one)."""
+        return copy.deepcopy(self.pipe.scheduler)
 
     def set_schedule(self, scheduler, num_steps: int, latents: torch.Tensor) -> None:
         """Set sampling timesteps on a copy of the pipeline's scheduler (FLUX overrides it: resolution shift)."""

@@ -40,16 +40,19 @@ class SD3Adapter(FlowAdapter):
             return_dict=False,
         )[0]
 
-    def latent_shape(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, ...]:
-        f = self.pipe.vae_scale_factor
-        return (self.denoiser.config.in_channels, height // f, width // f)
+    def set_schedule(self, scheduler, num_steps: int, latents: torch.Tensor) -> None:
+        """As StableDiffusion3Pipeline: a resolution-dependent shift `mu` when the scheduler asks for one."""
+        if not scheduler.config.get("use_dynamic_shifting", False):
+            return super().set_schedule(scheduler, num_steps, latents)
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        lat = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
-        return ((lat - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).to(self.dtype)
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        lat = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return vae.decode(lat, return_dict=False)[0]
+        p = self.denoiser.config.patch_size
+        cfg = scheduler.config
+        mu = calculate_shift(
+            (latents.shape[-2] // p) * (latents.shape[-1] // p),
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.16),
+        )
+        scheduler.set_timesteps(num_steps, device=latents.device, mu=mu)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import flow
 from .corpus import make_image_corpus, make_video_corpus
+from . import DEFAULT_SAMPLING
 from .tokenizer import MAX_LENGTH, build_tokenizer
 
 TEXT_DIM = 32
@@ -238,11 +239,11 @@ def build_image_model(out: Path, cfg: BuildConfig) -> dict:
     losses = pretrain_flow(adapter, latents, corpus.captions, cfg.image_steps, cfg.batch_size, cfg.lr, cfg.seed,
                            cfg.cfg_dropout, cfg.ema_decay, "world: image model")
     stats["flow_s"], stats["flow_final_loss"] = time.time() - t0, float(np.mean(losses[-100:]))
-    save_pipeline(pipe, out)
+    save_pipeline(pipe, out, DEFAULT_SAMPLING["image"])
     return stats
 
 
-def save_pipeline(pipe, out: Path) -> None:
+def save_pipeline(pipe, out: Path, sampling: dict | None = None) -> None:
     """Write a pipeline folder atomically (temp folder, then rename) in safetensors."""
     import shutil
 
@@ -250,6 +251,8 @@ def save_pipeline(pipe, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    if sampling is not None:
+        (tmp / "genalign_sampling.json").write_text(json.dumps(sampling, indent=2))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -1,0 +1,272 @@
+"""The `genalign` command. Every sub-command has --help; errors a user can fix are printed as one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _load_model(model: str | None, kind: str | None):
+    """Resolve --model (default: the world's base model of --kind) and load its adapter + sampling defaults."""
+    from .models import load_adapter
+    from .world import sampling_defaults, world_model_path
+
+    path = str(world_model_path(kind or "image")) if model in (None, "world", "world-image", "world-video") else model
+    if model in ("world-video",):
+        path = str(world_model_path("video"))
+    defaults = sampling_defaults(path, kind) if Path(path).is_dir() else {}
+    extra = {"max_sequence_length": defaults["max_sequence_length"]} if "max_sequence_length" in defaults else {}
+    adapter = load_adapter(path, **extra)
+    return adapter, defaults, path
+
+
+def _is_world_model(path: str) -> bool:
+    from .world import ASSETS
+
+    try:
+        return Path(path).resolve().is_relative_to(ASSETS.resolve()) or (Path(path) / "genalign_sampling.json").is_file()
+    except OSError:
+        return False
+
+
+def _sampling_kwargs(args, defaults: dict, adapter) -> dict:
+    kw = {
+        "num_steps": args.steps or defaults.get("num_steps", 28),
+        "guidance_scale": args.cfg if args.cfg is not None else defaults.get("guidance_scale", 4.5),
+        "height": args.height or defaults.get("height", 512),
+        "width": args.width or defaults.get("width", 512),
+    }
+    if adapter.is_video:
+        kw["num_frames"] = args.num_frames or defaults.get("num_frames", 17)
+    return kw
+
+
+def _read_prompts(args, world: bool) -> list[str]:
+    from .data.prompts import read_prompts
+    from .world.grammar import parse_prompt
+
+    prompts = list(args.prompt or [])
+    if getattr(args, "prompts", None):
+        prompts += read_prompts(args.prompts)
+    if not prompts:
+        raise SystemExit("error: give at least one --prompt or a --prompts file")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise SystemExit(f"error: prompt {i + 1} is empty")
+        if world:
+            parse_prompt(p)  # raises PromptError naming the prompt and the language
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from .media import image_grid, save_png, video_strip, write_video
+    from .sampling import latents_to_uint8, sample_latents
+
+    adapter, defaults, path = _load_model(args.model, args.kind)
+    prompts = _read_prompts(args, _is_world_model(path))
+    kw = _sampling_kwargs(args, defaults, adapter)
+    flat = [p for p in prompts for _ in range(args.num_per_prompt)]
+    out = Path(args.out)
+    outs = []
+    for start in range(0, len(flat), args.batch_size):
+        g = torch.Generator().manual_seed(args.seed + start)
+        lat = sample_latents(adapter, flat[start : start + args.batch_size], generator=g, progress=True, **kw)
+        outs.append(latents_to_uint8(adapter, lat))
+    samples = np.concatenate(outs)
+    if adapter.is_video:
+        out.mkdir(parents=True, exist_ok=True)
+        for i, v in enumerate(samples):
+            write_video(out / f"{i:04d}.mp4", v, fps=args.fps)
+        grid = image_grid([video_strip(v, 2) for v in samples], labels=flat, ncols=1, scale=1)
+        save_png(out / "strips.png", grid)
+        print(f"wrote {len(samples)} videos to {out}/ and a frame strip to {out / 'strips.png'}")
+    else:
+        grid = image_grid(list(samples), labels=flat, ncols=min(8, len(samples)))
+        if out.suffix.lower() == ".png":
+            save_png(out, grid)
+            print(f"wrote a grid of {len(samples)} images to {out}")
+        else:
+            for i, im in enumerate(samples):
+                save_png(out / f"{i:04d}.png", im)
+            save_png(out / "grid.png", grid)
+            print(f"wrote {len(samples)} images and grid.png to {out}/")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval.oracle_eval import generate, judge_samples, summarize, write_report
+    from .world.grammar import heldout_eval_prompts
+
+    adapter, defaults, path = _load_model(args.model, args.kind)
+    kind = "video" if adapter.is_video else "image"
+    if args.prompts in (None, "heldout"):
+        prompts = heldout_eval_prompts(kind, n=args.num_prompts)
+    else:
+        from .data.prompts import read_prompts
+
+        prompts = read_prompts(args.prompts)[: args.num_prompts]
+    kw = _sampling_kwargs(args, defaults, adapter)
+    t0 = time.time()
+    samples, flat = generate(adapter, prompts, args.samples_per_prompt, seed=args.seed, **kw)
+    summary = summarize(judge_samples(samples, flat), samples)
+    summary.update(model=path, sampling=kw, seed=args.seed, seconds=round(time.time() - t0, 1))
+    paths = write_report(Path(args.out), summary, samples, flat, f"{Path(path).name}: oracle on held-out prompts")
+    _print_summary(summary)
+    print(f"report: {paths['json']}  {paths['grid']}  {paths['plot']}")
+    return 0
+
+
+def _print_summary(s: dict) -> None:
+    print(f"{s['num_prompts']} prompts, {s['num_samples']} samples")
+    for d in ("VQ", "MQ", "TA", "strict"):
+        if d in s:
+            print(f"  {d:7s} {s[d]['mean']:.3f}  [95% CI {s[d]['lo']:.3f}, {s[d]['hi']:.3f}]")
+    for t, v in s["TA_by_template"].items():
+        print(f"  TA/{t:9s} {v['mean']:.3f}  (n={v['n']})")
+    print(f"  diversity {s['diversity']:.4f}")
+
+
+def cmd_world_build(args) -> int:
+    from .config import load_config
+    from .world import ASSETS
+    from .world.build import BuildConfig, build_world
+
+    cfg = load_config(BuildConfig, args.config, args.overrides)
+    which = (args.only,) if args.only else ("image", "video")
+    out = Path(args.out) if args.out else ASSETS
+    t0 = time.time()
+    report = build_world(out, cfg, which)
+    print(json.dumps({k: v["stats"] for k, v in report.items() if k in which}, indent=2))
+    print(f"built {', '.join(which)} in {time.time() - t0:.0f} s into {out}")
+    return 0
+
+
+def cmd_world_pairs(args) -> int:
+    import random
+
+    from .world.annotators import Annotator, make_preference_data
+    from .world.grammar import image_splits, video_splits
+
+    adapter, defaults, path = _load_model(args.model, args.kind)
+    kind = "video" if adapter.is_video else "image"
+    split = (image_splits() if kind == "image" else video_splits())
+    pool = split.train if args.split == "train" else split.heldout
+    prompts = [random.Random(args.seed + i).choice(pool) for i in range(args.num_pairs)]
+    kw = _sampling_kwargs(args, defaults, adapter)
+    out = make_preference_data(adapter, kind, prompts, args.out,
+                               Annotator(tie_margin=args.tie_margin, noise=args.noise, seed=args.seed),
+                               seed=args.seed, **kw)
+    print(f"wrote {args.num_pairs} labelled {kind} pairs to {out}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from .data.cache import cache_main
+
+    cache_main(model=args.model, data=args.data, out=args.out, resolution=args.resolution,
+               batch_size=args.batch_size, dtype=args.dtype)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ parser
+def _add_sampling_flags(p, with_prompts: bool = True) -> None:
+    p.add_argument("--model", default=None, help="pipeline folder or hub id (default: the world's base model)")
+    p.add_argument("--kind", choices=["image", "video"], default=None, help="which world model when --model is unset")
+    if with_prompts:
+        p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-frames", type=int, default=None, help="video models only")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genalign", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="prompts -> PNG grid (images) or MP4 files (videos)")
+    _add_sampling_flags(p)
+    p.add_argument("--prompts", help=".txt (one per line) or .jsonl file of prompts")
+    p.add_argument("--num-per-prompt", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--out", default="samples.png", help="a .png grid, or a folder")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="held-out prompts -> oracle VQ/MQ/TA with 95%% intervals, diversity, JSON + PNG")
+    _add_sampling_flags(p, with_prompts=False)
+    p.add_argument("--prompts", default="heldout", help="'heldout' (the world's split) or a prompts file")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--samples-per-prompt", type=int, default=4)
+    p.add_argument("--out", default="eval-report")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("cache", help="encode a preference dataset into a latent + text-embedding cache")
+    p.add_argument("--model", required=True, help="pipeline folder or hub id whose VAE/text encoders to use")
+    p.add_argument("--data", required=True, help="parquet / HF dataset folder / VideoAlign CSV / jsonl / folder")
+    p.add_argument("--out", required=True, help="cache folder to write")
+    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.set_defaults(func=cmd_cache)
+
+    world = sub.add_parser("world", help="the built-in world: rebuild models, make labelled pairs")
+    wsub = world.add_subparsers(dest="world_command", required=True)
+    p = wsub.add_parser("build", help="retrain the world's base generators from scratch (CPU, about an hour)")
+    p.add_argument("--out", default=None, help="where to write the models (default: the package's shipped assets)")
+    p.add_argument("--only", choices=["image", "video"], default=None)
+    p.add_argument("--config", default=None, help="YAML file of BuildConfig keys")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of BuildConfig (e.g. image_steps=2000)")
+    p.set_defaults(func=cmd_world_build)
+
+    p = wsub.add_parser("pairs", help="sample the base model and label pairs with simulated annotators")
+    _add_sampling_flags(p, with_prompts=False)
+    p.add_argument("--num-pairs", type=int, default=256)
+    p.add_argument("--split", choices=["train", "heldout"], default="train")
+    p.add_argument("--noise", type=float, default=0.10, help="annotator noise rate")
+    p.add_argument("--tie-margin", type=float, default=0.05)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_world_pairs)
+    return parser
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .models.base import ModelLoadError
+    from .world import WorldModelMissing
+    from .world.grammar import PromptError
+
+    errors: list[type[BaseException]] = [ConfigError, ModelLoadError, PromptError, WorldModelMissing]
+    try:
+        from .data import CacheMismatchError, DataError
+
+        errors += [DataError, CacheMismatchError]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"genalign {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The built-in world: a prompt language, a renderer, an oracle judge, an imperfect corpus, simulated
+annotators and small shipped base generators, so every feature of genalign can be measured on a CPU.
+
+See WORLD.md in the design notes and the README's "The built-in world" section.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+MODEL_DIRS = {"image": "image-base", "video": "video-base"}
+
+# Sampling defaults of the shipped models (also written to each model folder as genalign_sampling.json).
+DEFAULT_SAMPLING = {
+    "image": {"num_steps": 20, "guidance_scale": 4.0, "height": 32, "width": 32},
+    "video": {"num_steps": 20, "guidance_scale": 4.0, "height": 32, "width": 32, "num_frames": 8},
+}
+
+
+class WorldModelMissing(FileNotFoundError):
+    pass
+
+
+def world_model_path(kind: str = "image") -> Path:
+    if kind not in MODEL_DIRS:
+        raise ValueError(f"unknown world model {kind!r} (image or video)")
+    path = ASSETS / MODEL_DIRS[kind]
+    if not (path / "model_index.json").is_file():
+        raise WorldModelMissing(
+            f"the world's {kind} model is not at {path}; rebuild it with `genalign world build --only {kind}`"
+        )
+    return path
+
+
+def sampling_defaults(model_path: str | Path, kind: str | None = None) -> dict:
+    """Defaults stored with a model folder (genalign_sampling.json), else the world's for its kind."""
+    f = Path(model_path) / "genalign_sampling.json"
+    if f.is_file():
+        return json.loads(f.read_text())
+    return dict(DEFAULT_SAMPLING.get(kind or "image", DEFAULT_SAMPLING["image"]))

@@ -1,0 +1,128 @@
+"""Simulated human annotators: preference pairs of base-model samples, labelled from the oracle.
+
+Per dimension, an annotator compares the oracle scores of A and B: a difference below `tie_margin` is a tie;
+otherwise the better one wins. With probability `noise` the annotator instead gives one of the two other
+labels at random (real annotators disagree with each other about this often). Images get one overall
+label (Pick-a-Pic has no per-dimension labels): the oracle's `overall` = mean of TA and VQ.
+Pairs are written in the formats genalign reads for real data: Pick-a-Pic-style parquet for images
+(PNG bytes in `jpg_0`/`jpg_1`), VideoAlign-style CSV with lossless MP4 files for videos.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..media import write_video
+from .oracle import judge
+
+LABELS = ("A", "B", "same")
+
+
+@dataclass
+class Annotator:
+    tie_margin: float = 0.05
+    noise: float = 0.10
+    seed: int = 0
+
+    def __post_init__(self):
+        self._rng = random.Random(self.seed)
+
+    def clean_label(self, score_a: float, score_b: float) -> str:
+        if abs(score_a - score_b) < self.tie_margin:
+            return "same"
+        return "A" if score_a > score_b else "B"
+
+    def label(self, score_a: float, score_b: float) -> str:
+        truth = self.clean_label(score_a, score_b)
+        if self._rng.random() < self.noise:
+            return self._rng.choice([x for x in LABELS if x != truth])
+        return truth
+
+
+def overall_image_score(scores: dict[str, float]) -> float:
+    return 0.5 * (scores["TA"] + scores["VQ"])
+
+
+def _png_bytes(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def label_image_pairs(a: np.ndarray, b: np.ndarray, prompts: list[str], annotator: Annotator) -> list[dict]:
+    """Rows of a Pick-a-Pic-style table, plus the oracle scores (columns `oracle_*`) for analysis."""
+    rows = []
+    for img_a, img_b, p in zip(a, b, prompts):
+        ja, jb = judge(img_a, p).as_dict(), judge(img_b, p).as_dict()
+        lab = annotator.label(overall_image_score(ja), overall_image_score(jb))
+        label_0 = {"A": 1.0, "B": 0.0, "same": 0.5}[lab]
+        rows.append({
+            "caption": p, "jpg_0": _png_bytes(img_a), "jpg_1": _png_bytes(img_b),
+            "label_0": label_0, "label_1": 1.0 - label_0,
+            "oracle_label": annotator.clean_label(overall_image_score(ja), overall_image_score(jb)),
+            **{f"oracle_{k}_0": v for k, v in ja.items()}, **{f"oracle_{k}_1": v for k, v in jb.items()},
+        })
+    return rows
+
+
+def write_pickapic_parquet(rows: list[dict], path: str | Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def label_video_pairs(a: np.ndarray, b: np.ndarray, prompts: list[str], annotator: Annotator, out_dir: str | Path,
+                      fps: int = 8, prefix: str = "pair") -> list[dict]:
+    """Write each clip as MP4 under out_dir/videos and return VideoAlign CSV rows (paths relative to out_dir)."""
+    out_dir = Path(out_dir)
+    rows = []
+    for i, (va, vb, p) in enumerate(zip(a, b, prompts)):
+        ja, jb = judge(va, p).as_dict(), judge(vb, p).as_dict()
+        pa, pb = f"videos/{prefix}{i:05d}_A.mp4", f"videos/{prefix}{i:05d}_B.mp4"
+        write_video(out_dir / pa, va, fps=fps)
+        write_video(out_dir / pb, vb, fps=fps)
+        row = {"path_A": pa, "path_B": pb, "prompt": p}
+        for d in ("VQ", "MQ", "TA"):
+            row[d] = annotator.label(ja[d], jb[d])
+        row.update(fps_A=fps, num_frames_A=len(va), fps_B=fps, num_frames_B=len(vb))
+        for d in ("VQ", "MQ", "TA"):
+            row[f"oracle_{d}"] = annotator.clean_label(ja[d], jb[d])
+        rows.append(row)
+    return rows
+
+
+def write_videoalign_csv(rows: list[dict], path: str | Path) -> Path:
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def make_preference_data(adapter, kind: str, prompts: list[str], out_dir: str | Path, annotator: Annotator,
+                         seed: int = 0, progress: bool = True, **sampling) -> Path:
+    """Sample two outputs per prompt from `adapter` and write labelled pairs (parquet or CSV) under out_dir."""
+    from ..eval.oracle_eval import generate
+
+    samples, flat = generate(adapter, prompts, 2, seed=seed, progress=progress, **sampling)
+    a, b, ps = samples[0::2], samples[1::2], flat[0::2]
+    out_dir = Path(out_dir)
+    if kind == "image":
+        return write_pickapic_parquet(label_image_pairs(a, b, ps, annotator), out_dir / "pairs.parquet")
+    rows = label_video_pairs(a, b, ps, annotator, out_dir)
+    return write_videoalign_csv(rows, out_dir / "pairs.csv")

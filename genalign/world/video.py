@@ -1,0 +1,96 @@
+"""The world's video base model: a WanPipeline over the per-frame image autoencoder (see video_vae.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import DEFAULT_SAMPLING
+from .build import BuildConfig, encode_raw, pretrain_flow, save_pipeline
+from .corpus import make_video_corpus
+from .tokenizer import MAX_LENGTH, build_tokenizer
+
+VIDEO_TEXT_DIM = 32
+VIDEO_PATCH = (1, 4, 4)
+
+
+def umt5_text_encoder(vocab_size: int, seed: int, pad_id: int, eos_id: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=VIDEO_TEXT_DIM,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        decoder_start_token_id=pad_id,
+    )
+    return UMT5EncoderModel(cfg).eval()
+
+
+def video_transformer(seed: int):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=VIDEO_PATCH,
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=4,
+        out_channels=4,
+        text_dim=VIDEO_TEXT_DIM,
+        freq_dim=64,
+        ffn_dim=256,
+        num_layers=3,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    )
+
+
+def video_pipeline(seed: int, vae):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    tok = build_tokenizer()
+    return WanPipeline(
+        tokenizer=tok,
+        text_encoder=umt5_text_encoder(len(tok), seed + 3, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id),
+        transformer=video_transformer(seed),
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+    )
+
+
+def build_video_model(out: Path, image_dir: Path, cfg: BuildConfig) -> dict:
+    from diffusers import AutoencoderKL
+
+    from ..models.wan import WanAdapter
+    from .video_vae import FramewiseAutoencoderKL
+
+    stats: dict = {}
+    t0 = time.time()
+    corpus = make_video_corpus(cfg.video_corpus, seed=cfg.seed + 1)
+    stats["corpus_s"] = time.time() - t0
+    image_vae = AutoencoderKL.from_pretrained(Path(image_dir) / "vae").eval()
+    raw = encode_raw(image_vae, corpus.media)  # (N, C, F, h, w)
+    mean = raw.mean(dim=(0, 2, 3, 4))
+    std = raw.std(dim=(0, 2, 3, 4))
+    vae = FramewiseAutoencoderKL.from_image_vae(image_vae, mean.tolist(), std.tolist())
+    pipe = video_pipeline(cfg.seed, vae)
+    adapter = WanAdapter(pipe, max_sequence_length=MAX_LENGTH)
+    latents = (raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+    t0 = time.time()
+    losses = pretrain_flow(adapter, latents, corpus.captions, cfg.video_steps, cfg.batch_size // 2, cfg.lr, cfg.seed,
+                           cfg.cfg_dropout, cfg.ema_decay, "world: video model")
+    stats["flow_s"], stats["flow_final_loss"] = time.time() - t0, float(np.mean(losses[-100:]))
+    save_pipeline(pipe, out, {**DEFAULT_SAMPLING["video"], "max_sequence_length": MAX_LENGTH})
+    return stats

@@ -1,0 +1,213 @@
+"""The built-in world: grammar, renderer, oracle validation (>= 99% on known corruptions), corpus, annotators, toy."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from genalign.world import grammar, toy2d
+from genalign.world.annotators import Annotator, label_image_pairs, label_video_pairs
+from genalign.world.corpus import CorpusShares, make_image_corpus, make_video_corpus, miscaption
+from genalign.world.oracle import analyze_image, judge_image, judge_video
+from genalign.world.render import (
+    IMAGE_CORRUPTIONS, corrupt_image, flicker_video, jitter_video, render_image, render_video, to_uint8,
+)
+
+
+# ------------------------------------------------------------------ grammar
+def test_splits_are_fixed_disjoint_and_cover_every_template():
+    s1, s2 = grammar.image_splits(), grammar.image_splits()
+    assert s1 == s2
+    assert not set(s1.train) & set(s1.heldout)
+    all_prompts = sum(grammar.all_image_prompts().values(), [])
+    assert sorted(s1.train + s1.heldout) == sorted(all_prompts)
+    for part in (s1.train, s1.heldout):
+        assert {grammar.parse_prompt(p).template for p in part} == {"single", "count", "relation"}
+    v = grammar.video_splits()
+    assert not set(v.train) & set(v.heldout) and len(v.heldout) == round(0.2 * 120)
+    evalp = grammar.heldout_eval_prompts("image", n=60)
+    assert len(evalp) == 60 and set(evalp) <= set(s1.heldout)
+    counts = {t: sum(grammar.parse_prompt(p).template == t for p in evalp) for t in ("single", "count", "relation")}
+    # the small templates are taken whole, relations fill the rest
+    assert counts["single"] == 5 and counts["count"] == 10 and counts["relation"] == 45
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("red circle", ((("red", "circle"),), None, None)),
+        ("two blue crosses", ((("blue", "cross"),) * 2, None, None)),
+        ("three cyan squares", ((("cyan", "square"),) * 3, None, None)),
+        ("red circle left of blue square", ((("red", "circle"), ("blue", "square")), "left of", None)),
+        ("Green Triangle above yellow cross", ((("green", "triangle"), ("yellow", "cross")), "above", None)),
+        ("magenta cross moving up", ((("magenta", "cross"),), None, "up")),
+    ],
+)
+def test_parse_prompt(prompt, expected):
+    spec = grammar.parse_prompt(prompt)
+    objs, rel, direction = expected
+    assert [(o.color, o.shape) for o in spec.objects] == list(objs)
+    assert spec.relation == rel and spec.direction == direction
+
+
+@pytest.mark.parametrize("bad, message", [("", "empty"), ("purple circle", "colour"), ("red hexagon", "shape"),
+                                          ("red circle moving sideways", "direction"), ("a red circle on top", "not in")])
+def test_parse_prompt_errors_name_the_problem(bad, message):
+    with pytest.raises(grammar.PromptError, match=message):
+        grammar.parse_prompt(bad)
+
+
+# ------------------------------------------------------------------ renderer
+def test_renderer_is_deterministic_and_seed_dependent():
+    a, b, c = render_image("red circle", 3), render_image("red circle", 3), render_image("red circle", 4)
+    assert a.shape == (32, 32, 3) and a.dtype == np.float32
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    v = render_video("blue square moving right", 1)
+    assert v.shape == (8, 32, 32, 3) and np.array_equal(v, render_video("blue square moving right", 1))
+
+
+def test_rendered_colour_is_the_palette_colour():
+    img = render_image("yellow square", 0)
+    obj = analyze_image(to_uint8(img)).objects[0]
+    centre = img[int(obj.cy), int(obj.cx)]
+    assert np.allclose(centre, grammar.COLORS["yellow"], atol=1e-6)
+
+
+# ------------------------------------------------------------------ oracle validation
+N_ORACLE = 200
+
+
+@pytest.mark.parametrize("template", ["single", "count", "relation"])
+def test_oracle_recognises_clean_renders(template):
+    prompts = grammar.all_image_prompts()[template]
+    rng = random.Random(0)
+    correct = 0
+    for i in range(N_ORACLE):
+        p = rng.choice(prompts)
+        j = judge_image(to_uint8(render_image(p, 1000 + i)), p)
+        correct += j.TA == 1.0
+    assert correct / N_ORACLE >= 0.99
+
+
+def test_oracle_colour_and_shape_accuracy_on_single_objects():
+    rng = random.Random(1)
+    colour = shape = 0
+    for i in range(N_ORACLE):
+        p = rng.choice(grammar.all_image_prompts()["single"])
+        j = judge_image(to_uint8(render_image(p, i)), p)
+        colour += j.details["color_ok"]
+        shape += j.details["shape_ok"]
+    assert colour / N_ORACLE >= 0.99 and shape / N_ORACLE >= 0.99
+
+
+def test_oracle_ta_drops_for_a_mismatched_caption():
+    rng = random.Random(2)
+    lower = 0
+    for i in range(N_ORACLE):
+        p = rng.choice(grammar.image_splits().train)
+        img = to_uint8(render_image(p, i))
+        lower += judge_image(img, miscaption(p, rng)).TA < judge_image(img, p).TA
+    assert lower / N_ORACLE >= 0.99
+
+
+@pytest.mark.parametrize("kind", IMAGE_CORRUPTIONS)
+def test_oracle_ranks_clean_above_corrupted(kind):
+    rng = random.Random(3)
+    wins = 0
+    for i in range(N_ORACLE):
+        p = rng.choice(grammar.image_splits().train)
+        clean = render_image(p, i)
+        bad = corrupt_image(clean, kind, np.random.default_rng(i))
+        wins += judge_image(to_uint8(clean), p).VQ > judge_image(to_uint8(bad), p).VQ
+    assert wins / N_ORACLE >= 0.99
+
+
+def test_oracle_on_videos_direction_motion_and_flicker():
+    prompts = grammar.all_video_prompts()
+    n = 100
+    direction_ok = mq_wins = vq_wins = 0
+    for i in range(n):
+        p = prompts[(i * 7) % len(prompts)]
+        clean = to_uint8(render_video(p, i))
+        j = judge_video(clean, p)
+        direction_ok += j.details["direction_ok"] and j.TA == 1.0
+        if not p.endswith("still"):
+            mq_wins += j.MQ > judge_video(to_uint8(jitter_video(p, i)), p).MQ
+        else:
+            mq_wins += 1
+        vq_wins += j.VQ > judge_video(to_uint8(flicker_video(render_video(p, i), np.random.default_rng(i))), p).VQ
+    assert direction_ok / n >= 0.99 and mq_wins / n >= 0.99 and vq_wins / n >= 0.99
+
+
+def test_oracle_on_an_empty_image_scores_zero():
+    blank = np.full((32, 32, 3), 40, np.uint8)
+    j = judge_image(blank, "red circle")
+    assert j.TA == 0.0 and j.VQ == 0.0
+
+
+# ------------------------------------------------------------------ corpus and annotators
+def test_corpus_flaw_shares_and_labels():
+    c = make_image_corpus(600, seed=0, shares=CorpusShares(wrong_caption=0.25, degraded=0.2))
+    assert c.media.shape == (600, 32, 32, 3) and c.media.dtype == np.uint8
+    assert abs(c.wrong_caption.mean() - 0.25) < 0.06 and abs(c.degraded.mean() - 0.2) < 0.06
+    for cap, true, wrong in zip(c.captions, c.true_prompts, c.wrong_caption):
+        assert (cap != true) == wrong
+        assert true in grammar.image_splits().train
+    # the flaws are real: the oracle sees them
+    ta = [judge_image(m, cap).TA for m, cap in zip(c.media[:200], c.captions[:200])]
+    assert np.mean([t for t, w in zip(ta, c.wrong_caption[:200]) if w]) < np.mean([t for t, w in zip(ta, c.wrong_caption[:200]) if not w]) - 0.2
+    v = make_video_corpus(40, seed=0)
+    assert v.media.shape == (40, 8, 32, 32, 3)
+
+
+def test_annotator_ties_and_noise_rate():
+    clean = Annotator(tie_margin=0.05, noise=0.0)
+    assert clean.label(0.9, 0.5) == "A" and clean.label(0.5, 0.9) == "B" and clean.label(0.5, 0.53) == "same"
+    noisy = Annotator(tie_margin=0.05, noise=0.2, seed=1)
+    labels = [noisy.label(0.9, 0.1) for _ in range(5000)]
+    assert abs(labels.count("A") / 5000 - 0.8) < 0.02
+    assert abs(labels.count("B") / 5000 - 0.1) < 0.015 and abs(labels.count("same") / 5000 - 0.1) < 0.015
+
+
+def test_image_pairs_rows_in_pickapic_format():
+    p = "red circle left of blue square"
+    good, bad = to_uint8(render_image(p, 0)), to_uint8(render_image("blue square left of red circle", 0))
+    rows = label_image_pairs(np.stack([good, bad]), np.stack([bad, good]), [p, p], Annotator(noise=0.0))
+    assert [r["label_0"] for r in rows] == [1.0, 0.0]
+    assert all(r["label_0"] + r["label_1"] == 1.0 for r in rows)
+    from PIL import Image
+    import io
+
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(rows[0]["jpg_0"]))), good)
+
+
+def test_video_pairs_rows_in_videoalign_format(tmp_path):
+    p = "red circle moving left"
+    good = to_uint8(render_video(p, 0))
+    jittery = to_uint8(jitter_video(p, 0, amount=2.5))
+    wrong_way = to_uint8(render_video("red circle moving right", 0))
+    rows = label_video_pairs(np.stack([good, good]), np.stack([jittery, wrong_way]), [p, p], Annotator(noise=0.0), tmp_path)
+    assert rows[0]["MQ"] == "A" and rows[1]["TA"] == "A"
+    assert rows[1]["MQ"] == "same"  # both move smoothly
+    assert (tmp_path / rows[0]["path_A"]).is_file() and rows[0]["fps_A"] == 8 and rows[0]["num_frames_A"] == 8
+
+
+# ------------------------------------------------------------------ the 2-D toy
+def test_toy_exact_velocity_transports_noise_to_the_mixture():
+    g = torch.Generator().manual_seed(0)
+    gm = toy2d.GaussianMixture2D.default()
+    x = toy2d.euler_sample(gm.velocity, 3000, steps=200, generator=g)
+    ref = gm.sample(3000, generator=g)
+    wrong = toy2d.GaussianMixture2D(gm.means * 0.5, gm.stds, gm.weights).sample(3000, generator=g)
+    assert toy2d.energy_distance(x, ref) < 0.01 < toy2d.energy_distance(wrong, ref)
+
+
+def test_toy_importance_resampling_matches_the_closed_form_tilt():
+    g = torch.Generator().manual_seed(1)
+    gm = toy2d.GaussianMixture2D.default()
+    exact = gm.tilted_linear(torch.tensor([1.0, 0.0]), beta=0.5).sample(3000, generator=g)
+    resampled = toy2d.sample_tilted(gm, toy2d.linear_reward((1.0, 0.0)), beta=0.5, n=3000, generator=g)
+    other_beta = gm.tilted_linear(torch.tensor([1.0, 0.0]), beta=2.0).sample(3000, generator=g)
+    assert toy2d.energy_distance(exact, resampled) < 0.01
+    assert toy2d.energy_distance(exact, other_beta) > 5 * toy2d.energy_distance(exact, resampled)
