@@ -14,8 +14,8 @@ Checks come in levels (the `verify` argument of the readers):
 - "exists": files exist and are not empty;
 - "header" (default): plus a cheap structural check without decoding pixels: the image header parses and, for
   PNG, every chunk's CRC (Pillow's `verify`); a JPEG must end with its end-of-image marker (a truncated
-  download does not); an MP4/MOV's top-level boxes must fit in the file and include `moov`; a GIF must start with
-  `GIF8` and end with its trailer byte; a frame folder must hold at least one frame, each header-checked;
+  download does not); an MP4/MOV's top-level boxes must fit in the file and include `moov`; a GIF must start
+  with `GIF8` and end with its trailer byte; a frame folder must hold at least one frame, each header-checked;
 - "decode": every image and video is fully decoded once (slow on large sets, definitive).
 """
 
@@ -188,7 +188,7 @@ def _check_gif(path: Path) -> None:
 
 
 def check_media(value, kind: str, level: str = "header") -> None:
-    """Raise MediaCheckError if `value` (bytes or a path) fails the check `level` (see the module docstring)."""
+    """Raise MediaCheckError if `value` (bytes or a path) fails the check `level` (see the module doc)."""
     if level not in VERIFY_LEVELS:
         raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {level!r}")
     if level == "none":
@@ -208,7 +208,7 @@ def check_media(value, kind: str, level: str = "header") -> None:
                 _check_image_header(data)
         except MediaCheckError:
             raise
-        except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt blob
+        except Exception as e:
             raise MediaCheckError(f"cannot decode image bytes ({type(e).__name__}: {e})") from e
         return
 
@@ -241,7 +241,7 @@ def check_media(value, kind: str, level: str = "header") -> None:
             _check_gif(p)
     except MediaCheckError as e:
         raise MediaCheckError(f"{str(p)!r}: {e.reason}", e.kind) from e
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise MediaCheckError(f"cannot decode {str(p)!r} ({type(e).__name__}: {e})") from e
 
 
@@ -270,14 +270,14 @@ def resize_center_crop(media: np.ndarray, resolution: int | tuple[int, int]) -> 
     if (nh, nw) != (h, w):
         im = im.resize((nw, nh), Image.BICUBIC)
     top, left = (nh - th) // 2, (nw - tw) // 2
-    return np.asarray(im.crop((left, top, left + tw, top + th)))
+    return np.array(im.crop((left, top, left + tw, top + th)), dtype=np.uint8)
 
 
 def to_pixels(media: np.ndarray, resolution: int | tuple[int, int] | None = None) -> torch.Tensor:
     """uint8 image (H, W, 3) -> float (3, H, W) in [-1, 1]; video (F, H, W, 3) -> (3, F, H, W)."""
     if resolution is not None:
         media = resize_center_crop(media, resolution)
-    x = torch.from_numpy(np.ascontiguousarray(media)).float() / 127.5 - 1.0
+    x = torch.from_numpy(np.array(media, dtype=np.uint8, copy=True)).float() / 127.5 - 1.0
     if x.ndim == 3:
         return x.permute(2, 0, 1).contiguous()
     if x.ndim == 4:

@@ -10,18 +10,18 @@ Formats
   hold image bytes (JPEG/PNG/...), an HF `Image` cell ({"bytes", "path"}) or a path (relative to the parquet's
   folder, or to the `save_to_disk` folder). `label_0` is 1 (A = jpg_0 wins), 0 (B wins) or 0.5 (tie);
   `label_1`, if present, must equal `1 - label_0`.
-- **VideoAlign CSV** (videos): columns `path_A, path_B, prompt` and the dimensions `VQ, MQ, TA` (visual quality,
-  motion quality, text alignment), each `A`, `B` or `same` (case-insensitive; `tie` is read as `same`), and
-  optionally `fps_A, num_frames_A, fps_B, num_frames_B` (kept in `PreferencePair.meta`). Paths are relative
-  to the CSV's folder. The overall label is a weighted vote: `sum(w_d * v_d)` with `v_d = +1` (A), `-1` (B),
-  `0` (same); > 0: A wins, < 0: B wins, = 0: tie. `dims` sets the weights (default `{"VQ": 1, "MQ": 1,
-  "TA": 1}`; a list means weight 1 each); every weighted dimension is a required column. Per-dimension labels
-  (1.0 / 0.0 / 0.5) are kept in `PreferencePair.labels`.
-- **jsonl**: one object per line, paths relative to the file's folder:
-  `{"prompt": ..., "chosen"|"media_a"|"image_a"|"video_a": path, "rejected"|"media_b"|"image_b"|"video_b": path,
-  "label": 1}`. `label` is optional (default 1: A wins); 1 / 0 / 0.5 or "A" / "B" / "same". An optional
-  `"labels": {"VQ": "A", ...}` gives per-dimension labels; without `label` the overall label is the weighted
-  vote above. Blank lines are skipped.
+- **VideoAlign CSV** (videos): columns `path_A, path_B, prompt` and the dimensions `VQ, MQ, TA` (visual
+  quality, motion quality, text alignment), each `A`, `B` or `same` (case-insensitive; `tie` is read as
+  `same`), and optionally `fps_A, num_frames_A, fps_B, num_frames_B` (kept in `PreferencePair.meta`). Paths
+  are relative to the CSV's folder. The overall label is a weighted vote: `sum(w_d * v_d)` with `v_d = +1`
+  (A), `-1` (B), `0` (same); > 0: A wins, < 0: B wins, = 0: tie. `dims` sets the weights (default `{"VQ": 1,
+  "MQ": 1, "TA": 1}`; a list means weight 1 each); every weighted dimension is a required column.
+  Per-dimension labels (1.0 / 0.0 / 0.5) are kept in `PreferencePair.labels`.
+- **jsonl**: one object per line, paths relative to the file's folder: `{"prompt": ...,
+  "chosen"|"media_a"|"image_a"|"video_a": path, "rejected"|"media_b"|"image_b"|"video_b": path, "label": 1}`.
+  `label` is optional (default 1: A wins); 1 / 0 / 0.5 or "A" / "B" / "same". An optional `"labels": {"VQ":
+  "A", ...}` gives per-dimension labels; without `label` the overall label is the weighted vote above. Blank
+  lines are skipped.
 - **folders**: one subfolder per prompt::
 
       root/
@@ -46,21 +46,22 @@ Ties (`tie_policy`)
 
 Bad rows (`on_error`)
 ---------------------
-A row is bad when its prompt is empty, a label value is unknown (or `label_1 != 1 - label_0`), or a media file is
-missing or corrupt (checked at load time to the `verify` level: "none" | "exists" | "header" (default) |
+A row is bad when its prompt is empty, a label value is unknown (or `label_1 != 1 - label_0`), or a media file
+is missing or corrupt (checked at load time to the `verify` level: "none" | "exists" | "header" (default) |
 "decode"; see `genalign.data.media`). Rows are checked in this order: prompt and labels, the tie policy (a
 dropped tie's media are not opened), then the media. With `on_error="skip"` (default) a bad row is left out,
 counted under `skipped` and `skipped_<reason>`, its message (file, row, line, column, reason) kept in
-`dataset.skipped` and logged on the "genalign.data" logger: the first 100 as warnings, the rest at debug level.
-With `on_error="raise"` the first bad row raises `DataError` naming the file, the row and the column.
-Missing required columns always raise `DataError` naming the file and the columns. Media that pass the load-time
-check but fail to decode later raise `DataError` from `dataset[i]` (`build_cache` skips and counts them).
+`dataset.skipped` and logged on the "genalign.data" logger: the first 100 as warnings, the rest at debug
+level. With `on_error="raise"` the first bad row raises `DataError` naming the file, the row and the column.
+Missing required columns always raise `DataError` naming the file and the columns. Media that pass the
+load-time check but fail to decode later raise `DataError` from `dataset[i]` (`build_cache` skips and counts
+them).
 
 Stats
 -----
 `dataset.stats` counts: `rows = pairs + ties_dropped + skipped`, `pairs = a_wins + b_wins + ties_half +
-ties_as_a_wins` (`a_wins`/`b_wins`/`ties` are the labels as read, before the tie policy). Rows are numbered from
-0 in data order; text files also give their 1-based line.
+ties_as_a_wins` (`a_wins`/`b_wins`/`ties` are the labels as read, before the tie policy). Rows are numbered
+from 0 in data order; text files also give their 1-based line.
 """
 
 from __future__ import annotations
@@ -238,7 +239,17 @@ class _Record:
 
 
 def _new_stats() -> dict[str, int]:
-    keys = ["rows", "pairs", "a_wins", "b_wins", "ties", "ties_dropped", "ties_half", "ties_as_a_wins", "skipped"]
+    keys = [
+        "rows",
+        "pairs",
+        "a_wins",
+        "b_wins",
+        "ties",
+        "ties_dropped",
+        "ties_half",
+        "ties_as_a_wins",
+        "skipped",
+    ]
     return dict.fromkeys(keys + [f"skipped_{r}" for r in SKIP_REASONS], 0)
 
 
@@ -251,8 +262,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
     latent cache (`genalign.data.build_cache`) for training.
     """
 
-    def __init__(self, records: list[_Record], stats: dict[str, int], skipped: list[str], source: str,
-                 tie_policy: str):
+    def __init__(
+        self, records: list[_Record], stats: dict[str, int], skipped: list[str], source: str, tie_policy: str
+    ):
         self.records = records
         self.stats = stats
         self.skipped = skipped
@@ -268,16 +280,35 @@ class PreferenceDataset(torch.utils.data.Dataset):
         for ref in (r.a, r.b):
             try:
                 media.append(ref.load())
-            except Exception as e:  # noqa: BLE001 - name the row, keep the cause chained
-                raise DataError(f"cannot read media ({type(e).__name__}: {e})", file=r.file, row=r.row,
-                                line=r.line, column=ref.column) from e
-        return PreferencePair(r.prompt, media[0], media[1], r.label, dict(r.labels) if r.labels else None,
-                              r.source, dict(r.meta))
+            except Exception as e:
+                raise DataError(
+                    f"cannot read media ({type(e).__name__}: {e})",
+                    file=r.file,
+                    row=r.row,
+                    line=r.line,
+                    column=ref.column,
+                ) from e
+        return PreferencePair(
+            r.prompt,
+            media[0],
+            media[1],
+            r.label,
+            dict(r.labels) if r.labels else None,
+            r.source,
+            dict(r.meta),
+        )
 
     def record_info(self, i: int) -> dict[str, Any]:
         r = self.records[i]
-        return {"prompt": r.prompt, "label": r.label, "raw_label": r.raw_label, "labels": r.labels,
-                "source": r.source, "kind": r.kind, "meta": r.meta}
+        return {
+            "prompt": r.prompt,
+            "label": r.label,
+            "raw_label": r.raw_label,
+            "labels": r.labels,
+            "source": r.source,
+            "kind": r.kind,
+            "meta": r.meta,
+        }
 
     @property
     def prompts(self) -> list[str]:
@@ -302,11 +333,16 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def summary(self) -> str:
         s = self.stats
-        parts = [f"{s['pairs']} pairs from {s['rows']} rows of {self.source}",
-                 f"{s['a_wins']} A wins, {s['b_wins']} B wins, {s['ties']} ties (tie_policy={self.tie_policy!r}"
-                 f": {s['ties_dropped']} dropped, {s['ties_half']} kept as 0.5, {s['ties_as_a_wins']} as A wins)"]
+        ties = f"{s['ties_dropped']} dropped, {s['ties_half']} kept as 0.5, {s['ties_as_a_wins']} as A wins"
+        parts = [
+            f"{s['pairs']} pairs from {s['rows']} rows of {self.source}",
+            f"{s['a_wins']} A wins, {s['b_wins']} B wins, {s['ties']} ties",
+            f"tie_policy={self.tie_policy!r}: {ties}",
+        ]
         if s["skipped"]:
-            why = ", ".join(f"{s['skipped_' + r]} {r.replace('_', ' ')}" for r in SKIP_REASONS if s["skipped_" + r])
+            why = ", ".join(
+                f"{s['skipped_' + r]} {r.replace('_', ' ')}" for r in SKIP_REASONS if s["skipped_" + r]
+            )
             parts.append(f"{s['skipped']} rows skipped ({why})")
         return "; ".join(parts)
 
@@ -350,11 +386,24 @@ class _Builder:
         level = logging.WARNING if len(self.skipped) <= MAX_LOGGED_SKIPS else logging.DEBUG
         logger.log(level, "skipped bad row: %s", err)
         if len(self.skipped) == MAX_LOGGED_SKIPS + 1:
-            logger.warning("more than %d bad rows: the rest are logged at debug level (all are in "
-                           "dataset.skipped)", MAX_LOGGED_SKIPS)
+            logger.warning(
+                "more than %d bad rows: the rest are logged at debug level (all are in dataset.skipped)",
+                MAX_LOGGED_SKIPS,
+            )
 
-    def add(self, *, file, row: int, line: int | None, prompt: str, a: _Ref, b: _Ref, label: float,
-            labels: dict[str, float] | None = None, meta: dict | None = None) -> None:
+    def add(
+        self,
+        *,
+        file,
+        row: int,
+        line: int | None,
+        prompt: str,
+        a: _Ref,
+        b: _Ref,
+        label: float,
+        labels: dict[str, float] | None = None,
+        meta: dict | None = None,
+    ) -> None:
         tie = label == 0.5
         if tie and self.tie_policy == "drop":
             self.stats["rows"] += 1
@@ -369,8 +418,12 @@ class _Builder:
                 kind = "missing_media" if e.kind == "missing" else "corrupt_media"
                 return self.bad(_Bad(ref.column, e.reason, kind), file=file, row=row, line=line)
         if kinds[0] != kinds[1]:
-            return self.bad(_Bad(None, f"media A is an {kinds[0]} but media B is a {kinds[1]}"),
-                            file=file, row=row, line=line)
+            return self.bad(
+                _Bad(None, f"media A is an {kinds[0]} but media B is a {kinds[1]}"),
+                file=file,
+                row=row,
+                line=line,
+            )
         final = label
         if tie:
             self.stats["ties"] += 1
@@ -385,20 +438,28 @@ class _Builder:
             self.stats["b_wins"] += 1
         self.stats["rows"] += 1
         self.stats["pairs"] += 1
-        self.records.append(_Record(prompt, a, b, final, label, labels, str(file), row, line, kinds[0],
-                                    meta or {}))
+        self.records.append(
+            _Record(prompt, a, b, final, label, labels, str(file), row, line, kinds[0], meta or {})
+        )
 
     def finish(self, source: str) -> PreferenceDataset:
         ds = PreferenceDataset(self.records, self.stats, self.skipped, source, self.tie_policy)
         logger.info("%s", ds.summary())
         if self.stats["ties_as_a_wins"]:
             logger.warning(
-                "tie_policy='keep_first': %d ties of %s were turned into 'A wins' (label 1.0). This is what some "
-                "reference implementations do; it biases training towards the first item. Use tie_policy='drop' "
-                "or 'half' to avoid it.", self.stats["ties_as_a_wins"], source)
+                "tie_policy='keep_first': %d ties of %s were turned into 'A wins' (label 1.0). This is what "
+                "some reference implementations do; it biases training towards the first item. Use "
+                "tie_policy='drop' or 'half' to avoid it.",
+                self.stats["ties_as_a_wins"],
+                source,
+            )
         if self.stats["skipped"]:
-            logger.warning("%d of %d rows of %s were skipped as bad (see dataset.skipped)",
-                           self.stats["skipped"], self.stats["rows"], source)
+            logger.warning(
+                "%d of %d rows of %s were skipped as bad (see dataset.skipped)",
+                self.stats["skipped"],
+                self.stats["rows"],
+                source,
+            )
         return ds
 
 
@@ -424,9 +485,14 @@ def _label(value, column: str) -> float:
         try:
             value = float(key)
         except ValueError:
-            raise _Bad(column, f"unknown label value {value!r} (expected 1, 0, 0.5 or A, B, same)",
-                       "bad_label") from None
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise _Bad(
+                column, f"unknown label value {value!r} (expected 1, 0, 0.5 or A, B, same)", "bad_label"
+            ) from None
+    if (
+        value is None
+        or isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+    ):
         raise _Bad(column, f"unknown label value {value!r} (expected 1, 0 or 0.5)", "bad_label")
     for ok in (1.0, 0.0, 0.5):
         if abs(float(value) - ok) < 1e-6:
@@ -465,8 +531,11 @@ def _require(file, columns: Iterable[str], required: Iterable[str]) -> None:
     have = set(columns)
     missing = [c for c in required if c not in have]
     if missing:
-        raise DataError(f"missing required column(s) {', '.join(repr(c) for c in missing)} "
-                        f"(found: {', '.join(repr(c) for c in columns)})", file=file)
+        raise DataError(
+            f"missing required column(s) {', '.join(repr(c) for c in missing)} "
+            f"(found: {', '.join(repr(c) for c in columns)})",
+            file=file,
+        )
 
 
 # ------------------------------------------------------------------------------------------- Pick-a-Pic
@@ -478,8 +547,16 @@ def _is_string_field(feature_or_type) -> bool:
     return getattr(feature_or_type, "dtype", None) in ("string", "large_string")
 
 
-def _read_pickapic_rows(b: _Builder, *, name: str, columns: list[str], cheap: dict[str, list], n: int,
-                        store, base_dir: Path | None) -> None:
+def _read_pickapic_rows(
+    b: _Builder,
+    *,
+    name: str,
+    columns: list[str],
+    cheap: dict[str, list],
+    n: int,
+    store,
+    base_dir: Path | None,
+) -> None:
     has_label_1 = "label_1" in columns
     for row in range(n):
         try:
@@ -488,8 +565,12 @@ def _read_pickapic_rows(b: _Builder, *, name: str, columns: list[str], cheap: di
             if has_label_1 and cheap["label_1"][row] is not None:
                 l1 = _label(cheap["label_1"][row], "label_1")
                 if abs(l1 - (1.0 - label)) > 1e-6:
-                    raise _Bad("label_1", f"label_1={cheap['label_1'][row]!r} is not 1 - label_0 "
-                                          f"(label_0={cheap['label_0'][row]!r})", "bad_label")
+                    raise _Bad(
+                        "label_1",
+                        f"label_1={cheap['label_1'][row]!r} is not 1 - label_0 "
+                        f"(label_0={cheap['label_0'][row]!r})",
+                        "bad_label",
+                    )
             refs = []
             for col in ("jpg_0", "jpg_1"):
                 if col in cheap:  # a column of paths
@@ -510,7 +591,7 @@ def _read_pickapic_parquet(b: _Builder, path: Path) -> None:
 
     try:
         pf = pq.ParquetFile(path)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DataError(f"cannot read parquet file ({type(e).__name__}: {e})", file=path) from e
     schema = pf.schema_arrow
     columns = list(schema.names)
@@ -520,8 +601,15 @@ def _read_pickapic_parquet(b: _Builder, path: Path) -> None:
     cheap = pf.read(columns=cheap_cols).to_pydict()
     media_cols = [c for c in ("jpg_0", "jpg_1") if c not in path_cols]
     store = _ParquetStore(path, media_cols) if media_cols else None
-    _read_pickapic_rows(b, name=str(path), columns=columns, cheap=cheap, n=pf.metadata.num_rows, store=store,
-                        base_dir=path.parent)
+    _read_pickapic_rows(
+        b,
+        name=str(path),
+        columns=columns,
+        cheap=cheap,
+        n=pf.metadata.num_rows,
+        store=store,
+        base_dir=path.parent,
+    )
 
 
 def _pick_split(dsd, split: str | None, name: str):
@@ -543,8 +631,11 @@ def _read_pickapic_hf(b: _Builder, ds, *, name: str, base_dir: Path | None, spli
         ds, split = _pick_split(ds, split, name)
         name = f"{name}[{split}]"
     if type(ds).__name__ != "Dataset":
-        raise DataError(f"expected a datasets.Dataset or DatasetDict, got {type(ds).__name__} (streaming "
-                        "datasets are not supported: save_to_disk or write parquet first)", file=name)
+        raise DataError(
+            f"expected a datasets.Dataset or DatasetDict, got {type(ds).__name__} (streaming "
+            "datasets are not supported: save_to_disk or write parquet first)",
+            file=name,
+        )
     columns = list(ds.column_names)
     _require(name, columns, PICKAPIC_COLUMNS)
     path_cols = [c for c in ("jpg_0", "jpg_1") if _is_string_field(ds.features[c])]
@@ -561,8 +652,9 @@ def _is_hf_dataset(obj) -> bool:
 
 
 def _is_saved_hf_folder(p: Path) -> bool:
-    return (p / "dataset_dict.json").is_file() or ((p / "state.json").is_file() and
-                                                   (p / "dataset_info.json").is_file())
+    return (p / "dataset_dict.json").is_file() or (
+        (p / "state.json").is_file() and (p / "dataset_info.json").is_file()
+    )
 
 
 def _load_hf_folder(b: _Builder, p: Path, split: str | None) -> str:
@@ -570,7 +662,7 @@ def _load_hf_folder(b: _Builder, p: Path, split: str | None) -> str:
 
     try:
         ds = load_from_disk(str(p))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DataError(f"cannot load a saved HF dataset ({type(e).__name__}: {e})", file=p) from e
     return _read_pickapic_hf(b, ds, name=str(p), base_dir=p, split=split)
 
@@ -587,7 +679,7 @@ def _num(value):
 def _read_videoalign_csv(b: _Builder, path: Path, weights: dict[str, float]) -> None:
     base = path.parent
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         columns = [c.strip() for c in (reader.fieldnames or [])]
         _require(path, columns, list(VIDEOALIGN_COLUMNS) + [d for d, w in weights.items() if w])
         reader.fieldnames = columns
@@ -609,8 +701,17 @@ def _read_videoalign_csv(b: _Builder, path: Path, weights: dict[str, float]) -> 
                 b.bad(e, file=path, row=row, line=line)
                 continue
             meta = {c.lower(): _num(rec.get(c)) for c in meta_cols}
-            b.add(file=path, row=row, line=line, prompt=prompt, a=refs[0], b=refs[1], label=label,
-                  labels=labels, meta=meta)
+            b.add(
+                file=path,
+                row=row,
+                line=line,
+                prompt=prompt,
+                a=refs[0],
+                b=refs[1],
+                label=label,
+                labels=labels,
+                meta=meta,
+            )
 
 
 # ------------------------------------------------------------------------------------------- jsonl
@@ -625,21 +726,31 @@ def _read_jsonl(b: _Builder, path: Path, weights: dict[str, float]) -> None:
                 continue
             try:
                 obj = json.loads(text)
-                if not isinstance(obj, dict):
-                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-                keys.update(obj)
             except ValueError as e:
                 obj = _Bad(None, f"invalid JSON line ({e})")
+            if isinstance(obj, dict):
+                keys.update(obj)
+            elif not isinstance(obj, _Bad):
+                obj = _Bad(None, f"invalid JSON line (expected an object, got {type(obj).__name__})")
             objs.append((row, line_no, obj))
             row += 1
     if not objs:
         raise DataError("no rows (the file is empty)", file=path)
-    missing = [k for k, group in (("prompt", ("prompt",)), ("chosen|media_a|image_a|video_a", JSONL_A_KEYS),
-                                  ("rejected|media_b|image_b|video_b", JSONL_B_KEYS))
-               if not keys.intersection(group)]
+    missing = [
+        k
+        for k, group in (
+            ("prompt", ("prompt",)),
+            ("chosen|media_a|image_a|video_a", JSONL_A_KEYS),
+            ("rejected|media_b|image_b|video_b", JSONL_B_KEYS),
+        )
+        if not keys.intersection(group)
+    ]
     if missing and any(isinstance(o, dict) for _, _, o in objs):
-        raise DataError(f"missing required column(s) {', '.join(repr(m) for m in missing)} in every row "
-                        f"(found keys: {', '.join(sorted(keys))})", file=path)
+        raise DataError(
+            f"missing required column(s) {', '.join(repr(m) for m in missing)} in every row "
+            f"(found keys: {', '.join(sorted(keys))})",
+            file=path,
+        )
     for row, line, obj in objs:
         try:
             if isinstance(obj, _Bad):
@@ -668,9 +779,22 @@ def _read_jsonl(b: _Builder, path: Path, weights: dict[str, float]) -> None:
         except _Bad as e:
             b.bad(e, file=path, row=row, line=line)
             continue
-        meta = {k: v for k, v in obj.items() if k not in ("prompt", "label", "labels", *JSONL_A_KEYS, *JSONL_B_KEYS)}
-        b.add(file=path, row=row, line=line, prompt=prompt, a=refs[0], b=refs[1], label=label, labels=labels,
-              meta=meta)
+        meta = {
+            k: v
+            for k, v in obj.items()
+            if k not in ("prompt", "label", "labels", *JSONL_A_KEYS, *JSONL_B_KEYS)
+        }
+        b.add(
+            file=path,
+            row=row,
+            line=line,
+            prompt=prompt,
+            a=refs[0],
+            b=refs[1],
+            label=label,
+            labels=labels,
+            meta=meta,
+        )
 
 
 # ------------------------------------------------------------------------------------------- folders
@@ -711,8 +835,16 @@ def _read_folders(b: _Builder, root: Path) -> None:
         else:
             pairs = [(c, r) for c in chosen for r in rejected]
         for c, r in pairs:
-            b.add(file=sub, row=row, line=None, prompt=prompt, a=_Ref("chosen", path=c),
-                  b=_Ref("rejected", path=r), label=1.0, meta={"chosen": c.name, "rejected": r.name})
+            b.add(
+                file=sub,
+                row=row,
+                line=None,
+                prompt=prompt,
+                a=_Ref("chosen", path=c),
+                b=_Ref("rejected", path=r),
+                label=1.0,
+                meta={"chosen": c.name, "rejected": r.name},
+            )
             row += 1
 
 
@@ -734,8 +866,11 @@ def _detect(p: Path) -> str:
         return "videoalign"
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
-    raise DataError("unknown preference data format (expected .parquet, .csv, .jsonl, a folder of parquet "
-                    "files, a saved HF dataset or a prompt-per-subfolder folder)", file=p)
+    raise DataError(
+        "unknown preference data format (expected .parquet, .csv, .jsonl, a folder of parquet "
+        "files, a saved HF dataset or a prompt-per-subfolder folder)",
+        file=p,
+    )
 
 
 def load_preference_pairs(
@@ -746,7 +881,7 @@ def load_preference_pairs(
     on_error: str = "skip",
     verify: str = "header",
     split: str | None = None,
-    format: str | None = None,  # noqa: A002 - the user's word for it
+    format: str | None = None,
 ) -> PreferenceDataset:
     """Read preference pairs from `source` (see the module docstring for formats and policies).
 
@@ -764,8 +899,10 @@ def load_preference_pairs(
     for src in sources:
         if _is_hf_dataset(src):
             if dims is not None:
-                raise DataError("dims weight per-dimension labels; Pick-a-Pic data have a single label",
-                                file="<HF dataset>")
+                raise DataError(
+                    "dims weight per-dimension labels; Pick-a-Pic data have a single label",
+                    file="<HF dataset>",
+                )
             names.append(_read_pickapic_hf(b, src, name="<HF dataset>", base_dir=None, split=split))
             continue
         p = Path(src)

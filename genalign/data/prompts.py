@@ -3,8 +3,8 @@
 - `.txt`: one prompt per line; surrounding whitespace is stripped; blank lines and lines starting with `#`
   are skipped.
 - `.jsonl`: one JSON object per line with a non-empty string `"prompt"`; every other field is kept as the
-  prompt's metadata. Blank lines are skipped; a line that is not a JSON object, lacks `"prompt"` or has an empty
-  prompt raises `DataError` naming the file and the line.
+  prompt's metadata. Blank lines are skipped; a line that is not a JSON object, lacks `"prompt"` or has an
+  empty prompt raises `DataError` naming the file and the line.
 - `.json`: a list of strings or of objects as in `.jsonl` (errors name the list index as the row).
 
 A file without any prompt raises `DataError`.
@@ -35,15 +35,22 @@ def _from_object(obj, path: Path, *, row: int | None = None, line: int | None = 
     if isinstance(obj, str):
         obj = {"prompt": obj}
     if not isinstance(obj, dict):
-        raise DataError(f"expected a JSON object with a 'prompt', got {type(obj).__name__}", file=path, row=row,
-                        line=line)
+        raise DataError(
+            f"expected a JSON object with a 'prompt', got {type(obj).__name__}", file=path, row=row, line=line
+        )
     if "prompt" not in obj:
-        raise DataError(f"no 'prompt' field (keys: {', '.join(sorted(obj)) or 'none'})", file=path, row=row,
-                        line=line, column="prompt")
+        raise DataError(
+            f"no 'prompt' field (keys: {', '.join(sorted(obj)) or 'none'})",
+            file=path,
+            row=row,
+            line=line,
+            column="prompt",
+        )
     prompt = obj["prompt"]
     if not isinstance(prompt, str):
-        raise DataError(f"'prompt' must be a string, got {prompt!r}", file=path, row=row, line=line,
-                        column="prompt")
+        raise DataError(
+            f"'prompt' must be a string, got {prompt!r}", file=path, row=row, line=line, column="prompt"
+        )
     if not prompt.strip():
         raise DataError("empty prompt", file=path, row=row, line=line, column="prompt")
     meta = {k: v for k, v in obj.items() if k != "prompt"}
@@ -89,7 +96,7 @@ def read_prompts(path: str | os.PathLike) -> list[PromptRecord]:
 
 
 def load_prompts(path: str | os.PathLike, *, with_metadata: bool = False) -> list[str] | list[PromptRecord]:
-    """The prompts of a .txt / .jsonl / .json file as strings (or `PromptRecord`s with `with_metadata=True`)."""
+    """The prompts of a .txt / .jsonl / .json file as strings (`PromptRecord`s with `with_metadata=True`)."""
     records = read_prompts(path)
     return records if with_metadata else [r.prompt for r in records]
 
@@ -101,7 +108,9 @@ class PromptDataset(torch.utils.data.Dataset):
         if isinstance(path_or_records, (str, os.PathLike)):
             self.records = read_prompts(path_or_records)
         else:
-            self.records = [r if isinstance(r, PromptRecord) else PromptRecord(str(r)) for r in path_or_records]
+            self.records = [
+                r if isinstance(r, PromptRecord) else PromptRecord(str(r)) for r in path_or_records
+            ]
 
     def __len__(self) -> int:
         return len(self.records)
