@@ -137,10 +137,10 @@ def _print_summary(s: dict) -> None:
 def cmd_world_build(args) -> int:
     from .config import load_config
     from .world import ASSETS
-    from .world.build import BuildConfig, build_world
+    from .world.build import STAGES, BuildConfig, build_world
 
     cfg = load_config(BuildConfig, args.config, args.overrides)
-    which = (args.only,) if args.only else ("image", "video")
+    which = (args.only,) if args.only else STAGES
     out = Path(args.out) if args.out else ASSETS
     t0 = time.time()
     report = build_world(out, cfg, which)
@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = world.add_subparsers(dest="world_command", required=True)
     p = wsub.add_parser("build", help="retrain the world's base generators from scratch (CPU, about an hour)")
     p.add_argument("--out", default=None, help="where to write the models (default: the package's shipped assets)")
-    p.add_argument("--only", choices=["image", "video"], default=None)
+    p.add_argument("--only", choices=["vae", "image", "video"], default=None,
+                   help="one stage; vae must exist before image and video, which may run at once")
     p.add_argument("--config", default=None, help="YAML file of BuildConfig keys")
     p.add_argument("overrides", nargs="*", help="key=value overrides of BuildConfig (e.g. image_steps=2000)")
     p.set_defaults(func=cmd_world_build)

@@ -7,9 +7,9 @@ pipeline's output for the same initial noise (tested), and the combiner is a pla
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -48,12 +48,18 @@ def sample_latents(
     combiner: Combiner | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Integrate from noise (t=1) to data (t=0). Returns normalised latents."""
+    """Integrate from noise (t=1) to data (t=0). Returns normalised latents.
+
+    `latents`: the initial unit Gaussian noise (B, *adapter.latent_shape(...)), as the stock pipelines'
+    `latents` argument (unpacked for FLUX). Like them, it is multiplied by the scheduler's `init_noise_sigma`
+    (1 for flow models; for UNet models the factor that takes it to the flow sample at the first noise level).
+    """
     cond = adapter.encode_prompt(prompts)
     uncond = adapter.encode_prompt([negative_prompt] * len(prompts))
     x = latents if latents is not None else initial_noise(adapter, len(prompts), height, width, num_frames, generator)
-    scheduler = copy.deepcopy(adapter.pipe.scheduler)
+    scheduler = adapter.sampling_scheduler()
     adapter.set_schedule(scheduler, num_steps, x)
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)
     num_train = scheduler.config.num_train_timesteps
     for ts in tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False):
         t = (ts / num_train).to(x.device, x.dtype).expand(x.shape[0])
@@ -66,10 +72,8 @@ def sample_latents(
 
 
 @torch.no_grad()
-def latents_to_uint8(adapter: FlowAdapter, latents: torch.Tensor, batch_size: int = 64) -> "np.ndarray":
+def latents_to_uint8(adapter: FlowAdapter, latents: torch.Tensor, batch_size: int = 64) -> np.ndarray:
     """Decode to uint8 arrays: images (N, H, W, 3) or videos (N, F, H, W, 3)."""
-    import numpy as np
-
     outs = []
     for chunk in latents.split(batch_size):
         px = adapter.decode_latents(chunk).float().clamp(-1, 1)

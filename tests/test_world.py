@@ -11,7 +11,13 @@ from genalign.world.annotators import Annotator, label_image_pairs, label_video_
 from genalign.world.corpus import CorpusShares, make_image_corpus, make_video_corpus, miscaption
 from genalign.world.oracle import analyze_image, judge_image, judge_video
 from genalign.world.render import (
-    IMAGE_CORRUPTIONS, corrupt_image, flicker_video, jitter_video, render_image, render_video, to_uint8,
+    IMAGE_CORRUPTIONS,
+    corrupt_image,
+    flicker_video,
+    jitter_video,
+    render_image,
+    render_video,
+    to_uint8,
 )
 
 
@@ -176,8 +182,9 @@ def test_image_pairs_rows_in_pickapic_format():
     rows = label_image_pairs(np.stack([good, bad]), np.stack([bad, good]), [p, p], Annotator(noise=0.0))
     assert [r["label_0"] for r in rows] == [1.0, 0.0]
     assert all(r["label_0"] + r["label_1"] == 1.0 for r in rows)
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(rows[0]["jpg_0"]))), good)
 

@@ -55,7 +55,7 @@ class FlowAdapter:
 
     # --------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, torch_dtype=None, device=None, **kwargs) -> "FlowAdapter":
+    def from_pretrained(cls, path_or_id: str | os.PathLike, torch_dtype=None, device=None, **kwargs) -> FlowAdapter:
         """Load a pipeline folder (or hub id) of this family and wrap it.
 
         Keyword arguments that the adapter's constructor takes (e.g. `max_sequence_length`, FLUX's `guidance`) go
@@ -67,6 +67,11 @@ class FlowAdapter:
         adapter_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in own}
         check_family(path_or_id, cls)
         kwargs.setdefault("use_safetensors", True)
+        # Components saved as absent (e.g. SD3 without T5: "text_encoder_3": [null, null]) must be passed as
+        # None explicitly, or diffusers refuses the folder.
+        for name, entry in (read_model_index(path_or_id) or {}).items():
+            if isinstance(entry, list) and entry == [None, None]:
+                kwargs.setdefault(name, None)
         try:
             pipe = DiffusionPipeline.from_pretrained(str(path_or_id), torch_dtype=torch_dtype, **kwargs)
         except OSError as e:
@@ -99,7 +104,7 @@ class FlowAdapter:
     def dtype(self) -> torch.dtype:
         return next(self.denoiser.parameters()).dtype
 
-    def to(self, device) -> "FlowAdapter":
+    def to(self, device) -> FlowAdapter:
         self.pipe.to(device)
         return self
 

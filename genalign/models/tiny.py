@@ -67,19 +67,19 @@ def t5_text_encoder(tok, seed: int, d_model: int = TEXT_DIM, umt5: bool = False)
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
-    kw = dict(
-        vocab_size=len(tok),
-        d_model=d_model,
-        d_kv=16,
-        d_ff=2 * d_model,
-        num_layers=2,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        decoder_start_token_id=tok.pad_token_id,
-    )
+    kw = {
+        "vocab_size": len(tok),
+        "d_model": d_model,
+        "d_kv": 16,
+        "d_ff": 2 * d_model,
+        "num_layers": 2,
+        "num_heads": 2,
+        "relative_attention_num_buckets": 8,
+        "dropout_rate": 0.0,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "decoder_start_token_id": tok.pad_token_id,
+    }
     model = UMT5EncoderModel(UMT5Config(**kw)) if umt5 else T5EncoderModel(T5Config(**kw))
     return model.eval()
 
@@ -173,13 +173,11 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False):
     )
 
 
-def tiny_wan_pipeline(seed: int = 0):
-    """WanPipeline (Wan 2.1 layout): UMT5 encoder, AutoencoderKLWan (x4 temporal, x8 spatial), flow-match Euler."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+def _wan_transformer(seed: int):
+    from diffusers import WanTransformer3DModel
 
-    t5_tok = t5_tokenizer()
     torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(
+    return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
@@ -193,6 +191,15 @@ def tiny_wan_pipeline(seed: int = 0):
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     ).eval()
+
+
+def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False, expand_timesteps: bool = False):
+    """WanPipeline: UMT5 encoder, AutoencoderKLWan (x4 temporal, x8 spatial), flow-match Euler. Wan 2.1 layout by
+    default; two_experts: Wan 2.2 A14B's high/low-noise transformers split at boundary_ratio 0.5;
+    expand_timesteps: Wan 2.2 TI2V's per-token timesteps."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    t5_tok = t5_tokenizer()
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLWan(
         base_dim=3,
@@ -206,7 +213,10 @@ def tiny_wan_pipeline(seed: int = 0):
     return WanPipeline(
         tokenizer=t5_tok,
         text_encoder=t5_text_encoder(t5_tok, seed + 2, umt5=True),
-        transformer=transformer,
+        transformer=_wan_transformer(seed),
+        transformer_2=_wan_transformer(seed + 3) if two_experts else None,
+        boundary_ratio=0.5 if two_experts else None,
+        expand_timesteps=expand_timesteps,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
@@ -224,18 +234,18 @@ def tiny_unet_pipeline(seed: int = 0, sdxl: bool = False, prediction_type: str =
 
     tok = clip_tokenizer()
     time_embed_dim = 8
-    unet_kw = dict(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        attention_head_dim=(2, 4),
-        cross_attention_dim=2 * TEXT_DIM if sdxl else TEXT_DIM,
-    )
+    unet_kw = {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "block_out_channels": (8, 16),
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "attention_head_dim": (2, 4),
+        "cross_attention_dim": 2 * TEXT_DIM if sdxl else TEXT_DIM,
+    }
     if sdxl:  # micro-conditioning: pooled text (TEXT_DIM) + 6 size/crop numbers embedded in time_embed_dim each
         unet_kw.update(
             addition_embed_type="text_time",

@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import flow
-from .corpus import make_image_corpus, make_video_corpus
 from . import DEFAULT_SAMPLING
+from .corpus import make_image_corpus
 from .tokenizer import MAX_LENGTH, build_tokenizer
 
 TEXT_DIM = 32
@@ -36,7 +36,7 @@ class BuildConfig:
     video_corpus: int = 6000
     vae_steps: int = 600
     image_steps: int = 4000
-    video_steps: int = 3000
+    video_steps: int = 2500
     batch_size: int = 64
     lr: float = 3e-4
     ema_decay: float = 0.999
@@ -217,28 +217,42 @@ def set_latent_normalisation(vae, raw: torch.Tensor) -> tuple[float, float]:
     return shift, scale
 
 
-def build_image_model(out: Path, cfg: BuildConfig) -> dict:
-    from ..models.sd3 import SD3Adapter
-
+def build_autoencoder(out: Path, cfg: BuildConfig) -> dict:
+    """Stage 1: the image autoencoder, shared by both world models (per frame for video)."""
     stats: dict = {}
     t0 = time.time()
     corpus = make_image_corpus(cfg.image_corpus, seed=cfg.seed)
-    stats["corpus_s"] = time.time() - t0
-
-    t0 = time.time()
     vae = small_vae(cfg.seed)
-    vae_losses = train_vae(vae, corpus.media, cfg.vae_steps, cfg.batch_size, cfg.seed)
-    raw = encode_raw(vae, corpus.media)
-    stats["latent_shift"], stats["latent_scale"] = set_latent_normalisation(vae, raw)
-    stats["vae_s"], stats["vae_final_loss"] = time.time() - t0, float(np.mean(vae_losses[-100:]))
+    losses = train_vae(vae, corpus.media, cfg.vae_steps, cfg.batch_size, cfg.seed)
+    stats["latent_shift"], stats["latent_scale"] = set_latent_normalisation(vae, encode_raw(vae, corpus.media))
+    stats["seconds"], stats["final_loss"] = time.time() - t0, float(np.mean(losses[-100:]))
+    vae.save_pretrained(out, safe_serialization=True)
+    return stats
 
+
+def load_autoencoder(path: Path):
+    from diffusers import AutoencoderKL
+
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"no world autoencoder at {path}: build it first (`genalign world build --only vae`)")
+    return AutoencoderKL.from_pretrained(path).eval().requires_grad_(False)
+
+
+def build_image_model(out: Path, vae_dir: Path, cfg: BuildConfig) -> dict:
+    """Stage 2: the SD3-family image model, pretrained on the imperfect image corpus."""
+    from ..models.sd3 import SD3Adapter
+
+    stats: dict = {}
+    corpus = make_image_corpus(cfg.image_corpus, seed=cfg.seed)
+    vae = load_autoencoder(vae_dir)
+    raw = encode_raw(vae, corpus.media)
     pipe = image_pipeline(cfg.seed, vae=vae)
     adapter = SD3Adapter(pipe)
-    latents = (raw - stats["latent_shift"]) * stats["latent_scale"]
+    latents = (raw - vae.config.shift_factor) * vae.config.scaling_factor
     t0 = time.time()
     losses = pretrain_flow(adapter, latents, corpus.captions, cfg.image_steps, cfg.batch_size, cfg.lr, cfg.seed,
                            cfg.cfg_dropout, cfg.ema_decay, "world: image model")
-    stats["flow_s"], stats["flow_final_loss"] = time.time() - t0, float(np.mean(losses[-100:]))
+    stats["seconds"], stats["final_loss"] = time.time() - t0, float(np.mean(losses[-100:]))
     save_pipeline(pipe, out, DEFAULT_SAMPLING["image"])
     return stats
 
@@ -258,25 +272,42 @@ def save_pipeline(pipe, out: Path, sampling: dict | None = None) -> None:
     tmp.rename(out)
 
 
-def build_world(out_dir: Path, cfg: BuildConfig, which: tuple[str, ...] = ("image", "video")) -> dict:
+STAGES = ("vae", "image", "video")
+
+
+def build_world(out_dir: Path, cfg: BuildConfig, which: tuple[str, ...] = STAGES) -> dict:
+    """Run the build stages in order; each writes its folder atomically and its timing to BUILD.json.
+
+    `vae` must exist before `image` and `video`, which are independent of each other (two processes may
+    build them at once: `--only image` and `--only video`)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report_path = out_dir / "BUILD.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    report = {}
     for kind in which:
         t0 = time.time()
-        if kind == "image":
-            stats = build_image_model(out_dir / "image-base", cfg)
+        if kind == "vae":
+            stats = build_autoencoder(out_dir / "autoencoder", cfg)
+        elif kind == "image":
+            stats = build_image_model(out_dir / "image-base", out_dir / "autoencoder", cfg)
         elif kind == "video":
             from .video import build_video_model
 
-            stats = build_video_model(out_dir / "video-base", out_dir / "image-base", cfg)
+            stats = build_video_model(out_dir / "video-base", out_dir / "autoencoder", cfg)
         else:
-            raise ValueError(f"unknown world model {kind!r} (image or video)")
+            raise ValueError(f"unknown build stage {kind!r} (one of {', '.join(STAGES)})")
         stats["total_s"] = time.time() - t0
         report[kind] = {"config": asdict(cfg), "stats": stats, "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "machine": platform.machine()}
-        report_path.write_text(json.dumps(report, indent=2))
+        _merge_report(out_dir / "BUILD.json", kind, report[kind])
     return report
+
+
+def _merge_report(path: Path, kind: str, entry: dict) -> None:
+    """Add one stage's entry to BUILD.json (stages may finish in separate processes)."""
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report[kind] = entry
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)

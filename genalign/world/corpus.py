@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from .grammar import COLORS, COUNTS, DIRECTIONS, PLURALS, SHAPES, image_splits, parse_prompt, video_splits
-from .render import IMAGE_CORRUPTIONS, corrupt_image, flicker_video, jitter_video, render_image, render_video, to_uint8
+from .render import (
+    IMAGE_CORRUPTIONS,
+    corrupt_image,
+    flicker_video,
+    jitter_video,
+    render_image,
+    render_video,
+    to_uint8,
+)
 
 
 @dataclass

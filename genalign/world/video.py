@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import DEFAULT_SAMPLING
-from .build import BuildConfig, encode_raw, pretrain_flow, save_pipeline
+from .build import BuildConfig, encode_raw, load_autoencoder, pretrain_flow, save_pipeline
 from .corpus import make_video_corpus
 from .tokenizer import MAX_LENGTH, build_tokenizer
 
@@ -70,9 +70,7 @@ def video_pipeline(seed: int, vae):
     )
 
 
-def build_video_model(out: Path, image_dir: Path, cfg: BuildConfig) -> dict:
-    from diffusers import AutoencoderKL
-
+def build_video_model(out: Path, vae_dir: Path, cfg: BuildConfig) -> dict:
     from ..models.wan import WanAdapter
     from .video_vae import FramewiseAutoencoderKL
 
@@ -80,7 +78,7 @@ def build_video_model(out: Path, image_dir: Path, cfg: BuildConfig) -> dict:
     t0 = time.time()
     corpus = make_video_corpus(cfg.video_corpus, seed=cfg.seed + 1)
     stats["corpus_s"] = time.time() - t0
-    image_vae = AutoencoderKL.from_pretrained(Path(image_dir) / "vae").eval()
+    image_vae = load_autoencoder(vae_dir)
     raw = encode_raw(image_vae, corpus.media)  # (N, C, F, h, w)
     mean = raw.mean(dim=(0, 2, 3, 4))
     std = raw.std(dim=(0, 2, 3, 4))
@@ -91,6 +89,6 @@ def build_video_model(out: Path, image_dir: Path, cfg: BuildConfig) -> dict:
     t0 = time.time()
     losses = pretrain_flow(adapter, latents, corpus.captions, cfg.video_steps, cfg.batch_size // 2, cfg.lr, cfg.seed,
                            cfg.cfg_dropout, cfg.ema_decay, "world: video model")
-    stats["flow_s"], stats["flow_final_loss"] = time.time() - t0, float(np.mean(losses[-100:]))
+    stats["seconds"], stats["final_loss"] = time.time() - t0, float(np.mean(losses[-100:]))
     save_pipeline(pipe, out, {**DEFAULT_SAMPLING["video"], "max_sequence_length": MAX_LENGTH})
     return stats

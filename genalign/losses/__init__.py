@@ -1,0 +1,20 @@
+"""Pure loss functions, one module per algorithm (ALGORITHMS.md). They take tensors and return
+(loss, stats); models, data and optimisation live in genalign.trainers."""
+
+from .flow_dpo import (
+    BETA_SCHEDULES,
+    DIVERGENCES,
+    beta_at,
+    f_prime_of_log_ratio,
+    flow_dpo_loss,
+    per_sample_mse,
+)
+
+__all__ = [
+    "BETA_SCHEDULES",
+    "DIVERGENCES",
+    "beta_at",
+    "f_prime_of_log_ratio",
+    "flow_dpo_loss",
+    "per_sample_mse",
+]

@@ -1,0 +1,3 @@
+# Sourced by the scripts: no model hub, no telemetry, no lookups off this machine (ENVIRONMENT.md).
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+export GRADIO_ANALYTICS_ENABLED=False DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false

@@ -1,0 +1,378 @@
+"""The shared training loop (genalign.trainers.loop) and Flow-DPO on it, on CPU with tiny models.
+
+Generic loop behaviour (non-finite steps, SIGKILL + resume, refusing to overwrite a run) is checked on a
+one-layer toy trainer that needs no diffusers; Flow-DPO behaviour on the tiny SD3 pipeline of genalign.models.tiny.
+"""
+
+import copy
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from genalign.config import ConfigError, load_config
+from genalign.recipes import recipe_path
+from genalign.trainers import (
+    CheckpointError,
+    FlowDPOConfig,
+    FlowDPOTrainer,
+    NonFiniteLossError,
+    TrainConfig,
+    latest_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: more threads only wait on each other (see test_adapters.py).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def quiet(**kw):
+    return dict(progress_bar=False, report_to="none", **kw)
+
+
+# ------------------------------------------------------------------------------------------ a toy trainer
+TOY_TRAINER = '''
+import torch
+from genalign.trainers.loop import Trainer
+
+
+class ToyData(torch.utils.data.Dataset):
+    """y = x . w_true; items carry their index so tests can poison chosen items."""
+
+    def __init__(self, n=16):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i], "idx": i}
+
+
+class ToyTrainer(Trainer):
+    def __init__(self, config, nan_items=(), nan_from_step=None, sleep=0.0):
+        torch.manual_seed(1)
+        self.nan_items, self.nan_from_step, self.sleep = set(nan_items), nan_from_step, sleep
+        super().__init__(config, torch.nn.Linear(4, 1), ToyData())
+
+    def compute_loss(self, batch):
+        if self.sleep:
+            import time
+            time.sleep(self.sleep)
+        pred = self.model(batch["x"]).squeeze(-1)
+        loss = ((pred - batch["y"]) ** 2).mean()
+        poisoned = any(int(i) in self.nan_items for i in batch["idx"])
+        if poisoned or (self.nan_from_step is not None and self.state.step + 1 >= self.nan_from_step):
+            loss = loss * float("nan")
+        return loss, {"pred_mean": pred.mean().detach()}
+'''
+_toy_ns: dict = {}
+exec(compile(TOY_TRAINER, "toy_trainer", "exec"), _toy_ns)
+ToyTrainer = _toy_ns["ToyTrainer"]
+
+
+def read_metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.named_trainable}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_nonfinite_loss_skips_the_step_counts_and_logs_it(tmp_path):
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=4, batch_size=4, lr=0.05, shuffle=False,
+                      log_every=2, checkpoint_every=0, **quiet())
+    trainer = ToyTrainer(cfg, nan_items={5})  # item 5 is in the second batch (shuffle off): step 2
+    before_step2 = {}
+    original = trainer._train_step
+
+    def spy(batches):
+        if trainer.state.step == 1:
+            before_step2.update(weights(trainer))
+        return original(batches)
+
+    trainer._train_step = spy
+    result = trainer.train()
+    assert result.step == 4 and result.nonfinite_total == 1
+    records = {r["step"]: r for r in read_metrics(cfg.output_dir)}
+    assert records[2]["skipped_nonfinite"] is True and records[2]["nonfinite_skipped"] == 1
+    assert records[2]["loss"] is None and records[4]["nonfinite_skipped"] == 1  # logged, and counted on
+    assert "skipped_nonfinite" not in records[4]
+    # the skipped step did not move the weights: step 3 starts from the weights after step 1
+    assert before_step2 and all(torch.isfinite(p).all() for p in weights(trainer).values())
+
+
+def test_nonfinite_losses_in_a_row_abort_naming_the_step_and_cause(tmp_path):
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=20, batch_size=4, lr=0.05, log_every=1,
+                      checkpoint_every=2, max_nonfinite_in_a_row=3, **quiet())
+    trainer = ToyTrainer(cfg, nan_from_step=3)
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.train()
+    msg = str(err.value)
+    assert "step 5" in msg and "steps 3-5" in msg and "3 steps in a row" in msg
+    assert "learning rate" in msg and "checkpoint-2" in msg
+    assert [r["step"] for r in read_metrics(cfg.output_dir)] == [1, 2, 3, 4, 5]
+    assert all(torch.isfinite(p).all() for p in weights(trainer).values())
+
+
+def test_refuses_to_mix_a_fresh_run_into_an_old_one(tmp_path):
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=4, checkpoint_every=1, **quiet())
+    ToyTrainer(cfg).train()
+    with pytest.raises(CheckpointError, match="resume=latest"):
+        ToyTrainer(cfg).train()
+    cfg.resume = str(tmp_path / "run" / "checkpoint-99")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ToyTrainer(cfg).train()
+
+
+def test_sigkill_leaves_only_complete_checkpoints_and_resume_finishes(tmp_path):
+    """A training subprocess killed with SIGKILL at a random moment after its first checkpoint: every
+    checkpoint-* folder left is complete, temp folders are never taken for checkpoints, and resume=latest
+    finishes the run with the weights of an uninterrupted one."""
+    out = tmp_path / "run"
+    script = tmp_path / "train_toy.py"
+    max_steps = 40
+    script.write_text(TOY_TRAINER + textwrap.dedent(f"""
+        import sys
+        from genalign.trainers.loop import TrainConfig
+        torch.set_num_threads(1)
+        cfg = TrainConfig(output_dir={str(out)!r}, max_steps={max_steps}, batch_size=4, lr=0.05, lr_scheduler="cosine",
+                          warmup_steps=3, ema_decay=0.9, checkpoint_every=1, keep_checkpoints=3, log_every=1,
+                          resume="latest", progress_bar=False, report_to="none")
+        result = ToyTrainer(cfg, sleep=0.01).train()
+        print("finished", result.step)
+    """))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list_checkpoints(out) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert list_checkpoints(out), proc.communicate()[1].decode()[-2000:]
+    time.sleep(random.uniform(0.0, 0.4))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = latest_checkpoint(out)
+    # Every folder under a checkpoint name is complete; anything else (.tmp-, .trash-) is not listed.
+    for p in out.iterdir():
+        if p.name.startswith("checkpoint-"):
+            state = verify_checkpoint(p)
+            assert state["step"] == int(p.name.split("-")[1])
+            assert (p / "model" / "trainable.safetensors").is_file() and (p / "optimizer.bin").is_file()
+        else:
+            assert not p.is_dir() or p.name.startswith((".tmp-", ".trash-")), p.name
+    assert all(not p.name.startswith(".") for _, p in list_checkpoints(out))
+
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"finished {max_steps}" in done.stdout
+    steps = [r["step"] for r in read_metrics(out)]
+    assert steps == list(range(1, max_steps + 1)), f"killed after {killed_at}: {steps}"
+    assert not [p for p in out.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
+    assert len(list_checkpoints(out)) == 3 and latest_checkpoint(out).name == f"checkpoint-{max_steps}"
+
+    # the same run without the kill, in this process: identical weights and EMA
+    straight_cfg = TrainConfig(output_dir=str(tmp_path / "straight"), max_steps=max_steps, batch_size=4, lr=0.05,
+                               lr_scheduler="cosine", warmup_steps=3, ema_decay=0.9, checkpoint_every=0, **quiet())
+    straight = ToyTrainer(straight_cfg)
+    straight.train()
+    from safetensors.torch import load_file
+
+    resumed = load_file(str(out / "model" / "trainable.safetensors"))
+    assert max_diff(resumed, weights(straight)) <= 1e-6
+    resumed_ema = load_file(str(out / "model_ema" / "trainable.safetensors"))
+    with straight.ema_weights():
+        assert max_diff(resumed_ema, weights(straight)) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------ Flow-DPO
+@pytest.fixture(scope="module")
+def sd3_pipe():
+    from genalign.models import tiny
+
+    pipe = tiny.tiny_sd3_pipeline(with_t5=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd3_adapter(pipe):
+    from genalign.models import SD3Adapter
+
+    return SD3Adapter(copy.deepcopy(pipe))
+
+
+def solid(rgb) -> np.ndarray:
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[...] = rgb
+    return img
+
+
+def separable_pairs(n=16, with_ties=0):
+    """The red image always wins over the blue one; half the pairs list it second (label 0: B wins)."""
+    from genalign.data import PreferencePair
+
+    red, blue = solid((220, 30, 30)), solid((30, 30, 220))
+    pairs = [PreferencePair("red circle", red, blue, 1.0) if i % 2 else PreferencePair("red circle", blue, red, 0.0)
+             for i in range(n)]
+    pairs += [PreferencePair("red circle", red, red, 0.5) for _ in range(with_ties)]
+    return pairs
+
+
+def dpo_config(tmp_path, name="run", **kw):
+    base = dict(output_dir=str(tmp_path / name), batch_size=4, lr=1e-2, beta=1000.0, lora_rank=4, log_every=1,
+                checkpoint_every=0, **quiet())
+    base.update(kw)
+    return FlowDPOConfig(**base)
+
+
+def fixed_batch_loss(trainer, batch, seed=123):
+    trainer.generator.manual_seed(seed)
+    with torch.no_grad():
+        loss, metrics = trainer.compute_loss(batch)
+    return loss.item(), float(metrics["implicit_acc"])
+
+
+def velocity_probe(adapter, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    with torch.no_grad():
+        return adapter.velocity(x, torch.tensor([0.3, 0.8]), adapter.encode_prompt(["red circle", "blue square"]))
+
+
+def test_flow_dpo_learns_a_separable_pair_set_and_the_lora_loads_in_diffusers(sd3_pipe, tmp_path):
+    cfg = dpo_config(tmp_path, max_steps=8)
+    trainer = FlowDPOTrainer(sd3_adapter(sd3_pipe), cfg, separable_pairs())
+    probe = trainer.collate_fn(separable_pairs(8))
+    loss0, acc0 = fixed_batch_loss(trainer, probe)
+    assert loss0 == pytest.approx(np.log(2), abs=1e-6)  # fresh LoRA (B = 0): the model IS the reference
+    result = trainer.train()
+    loss1, acc1 = fixed_batch_loss(trainer, probe)
+    assert loss1 < 0.5 * loss0 and acc1 == 1.0, (loss0, loss1, acc1)
+    logged = read_metrics(cfg.output_dir)
+    assert [r["step"] for r in logged] == list(range(1, 9))
+    assert {"loss", "implicit_acc", "z_mean", "model_minus_ref_w", "model_minus_ref_l", "grad_norm", "lr"} <= set(logged[-1])
+    assert logged[-1]["model_minus_ref_w"] < logged[-1]["model_minus_ref_l"]  # winners' error fell relative to losers'
+
+    # The final LoRA (and the checkpoint's) loads into the stock diffusers pipeline and reproduces the model.
+    assert result.final_model_dir == Path(cfg.output_dir) / "lora"
+    v_trained = velocity_probe(trainer.adapter)
+    from genalign.models import SD3Adapter
+
+    for lora_dir in (result.final_model_dir, result.last_checkpoint / "lora"):
+        stock = copy.deepcopy(sd3_pipe)
+        stock.load_lora_weights(str(lora_dir))
+        v_loaded = velocity_probe(SD3Adapter(stock))
+        assert (v_loaded - v_trained).abs().max().item() < 1e-5
+    assert (velocity_probe(SD3Adapter(copy.deepcopy(sd3_pipe))) - v_trained).abs().max().item() > 1e-3
+
+
+def test_flow_dpo_resume_is_exact(sd3_pipe, tmp_path):
+    """N steps + resume + N steps == 2N steps (max abs diff <= 1e-6), with warmup + cosine, grad accumulation,
+    EMA and an online reference adapter refreshed every 2 steps (its snapshot must be checkpointed too)."""
+    kw = dict(max_steps=6, grad_accum=2, batch_size=2, lr_scheduler="cosine", warmup_steps=2, ema_decay=0.8,
+              reference="adapter", reference_refresh_every=2, checkpoint_every=3, beta=500.0, lr=5e-3)
+    straight = FlowDPOTrainer(sd3_adapter(sd3_pipe), dpo_config(tmp_path, "straight", **kw), separable_pairs(12))
+    straight.train()
+
+    first = FlowDPOTrainer(sd3_adapter(sd3_pipe), dpo_config(tmp_path, "split", **kw), separable_pairs(12))
+    first.train(stop_at_step=3)
+    assert latest_checkpoint(tmp_path / "split").name == "checkpoint-3"
+    del first
+    second = FlowDPOTrainer(sd3_adapter(sd3_pipe), dpo_config(tmp_path, "split", resume="latest", **kw),
+                            separable_pairs(12))
+    assert max_diff(weights(second), weights(straight)) > 1e-4  # a fresh LoRA before loading: the test can fail
+    second.train()
+    assert second.state.step == 6
+    assert max_diff(weights(second), weights(straight)) <= 1e-6
+    assert max_diff(second.reference_snapshot, straight.reference_snapshot) <= 1e-6
+    with second.ema_weights():
+        ema_second = weights(second)
+    with straight.ema_weights():
+        assert max_diff(ema_second, weights(straight)) <= 1e-6
+    split_log, straight_log = read_metrics(tmp_path / "split"), read_metrics(tmp_path / "straight")
+    assert [r["step"] for r in split_log] == list(range(1, 7))  # no duplicated steps after the resume
+    assert [r["loss"] for r in split_log] == pytest.approx([r["loss"] for r in straight_log], abs=1e-6)
+    assert (tmp_path / "split" / "lora_ema" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_flow_dpo_tie_policies(sd3_pipe, tmp_path):
+    pairs = separable_pairs(4, with_ties=4)  # [decided x4, ties x4]
+    batch = PreferenceCollatorBatch = None  # noqa: F841 - (readability below)
+    out = {}
+    for policy in ("drop", "half", "keep_first"):
+        trainer = FlowDPOTrainer(sd3_adapter(sd3_pipe), dpo_config(tmp_path, policy, tie_policy=policy, max_steps=1),
+                                 pairs)
+        batch = trainer.collate_fn(pairs)
+        swap, keep, label_w = trainer.orient_pairs(batch["label"])
+        out[policy] = (keep.tolist(), label_w.tolist())
+        loss, metrics = trainer.compute_loss(batch)
+        assert torch.isfinite(loss) and metrics["ties_in_batch"] == 4.0
+    assert swap.tolist() == [True, False, True, False] + [False] * 4
+    assert out["drop"] == ([True] * 4 + [False] * 4, [1.0] * 4 + [0.5] * 4)
+    assert out["half"] == ([True] * 8, [1.0] * 4 + [0.5] * 4)
+    assert out["keep_first"] == ([True] * 8, [1.0] * 8)
+
+
+def test_flow_dpo_reference_model_and_gradient_checkpointing(sd3_pipe, tmp_path):
+    # A separate reference model identical to the base: before training the loss is exactly log 2.
+    cfg = dpo_config(tmp_path, "ref-model", reference="model", reference_model_path="unused-when-given", max_steps=1)
+    trainer = FlowDPOTrainer(sd3_adapter(sd3_pipe), cfg, separable_pairs(4), reference_adapter=sd3_adapter(sd3_pipe))
+    loss, _ = trainer.compute_loss(trainer.collate_fn(separable_pairs(4)))
+    assert loss.item() == pytest.approx(np.log(2), abs=1e-6)
+
+    # Gradient checkpointing changes memory, not the result.
+    after = {}
+    for gc in (False, True):
+        t = FlowDPOTrainer(sd3_adapter(sd3_pipe), dpo_config(tmp_path, f"gc-{gc}", gradient_checkpointing=gc,
+                                                            max_steps=2), separable_pairs(8))
+        t.train()
+        after[gc] = weights(t)
+    assert max_diff(after[False], after[True]) <= 1e-6
+
+
+def test_bf16_keeps_the_lora_in_float32(sd3_pipe, tmp_path):
+    cfg = dpo_config(tmp_path, "bf16", mixed_precision="bf16", max_steps=2)
+    trainer = FlowDPOTrainer(sd3_adapter(sd3_pipe), cfg, separable_pairs(8))
+    trainer.train()
+    dtypes = {p.dtype for _, p in trainer.named_trainable}
+    frozen = {p.dtype for p in trainer.adapter.denoiser.parameters() if not p.requires_grad}
+    assert dtypes == {torch.float32} and frozen == {torch.bfloat16}
+    assert all(torch.isfinite(r["loss"]) if isinstance(r["loss"], torch.Tensor) else r["loss"] is not None
+               for r in read_metrics(cfg.output_dir))
+
+
+def test_recipe_loads_and_unknown_keys_are_named(tmp_path):
+    cfg = load_config(FlowDPOConfig, recipe_path("flow_dpo_world"), ["data=pairs.parquet", "lora_rank=4"])
+    assert cfg.model == "world" and cfg.beta == 100.0 and cfg.mixed_precision == "no" and cfg.lora_rank == 4
+    with pytest.raises(ConfigError, match="'bta'.*did you mean beta"):
+        load_config(FlowDPOConfig, recipe_path("flow_dpo_world"), ["bta=3"])
+    with pytest.raises(ConfigError, match="'reference'"):
+        load_config(FlowDPOConfig, None, ["reference=ema"])
+    with pytest.raises(ConfigError, match="'lr_scheduler'"):
+        load_config(FlowDPOConfig, None, ["lr_scheduler=step"])
+    with pytest.raises(ConfigError, match="reference_model_path"):
+        FlowDPOConfig(reference="model")
