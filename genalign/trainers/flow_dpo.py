@@ -292,8 +292,9 @@ class FlowDPOTrainer(Trainer):
         t_kw = {"mean": cfg.logit_mean, "std": cfg.logit_std} if cfg.timestep_sampling == "logit_normal" else {}
         t = flow.sample_timesteps(n, cfg.timestep_sampling, generator=self.generator, device=self.device, **t_kw)
 
-        swap, keep, label_w = self.orient_pairs(batch["label"].to(self.device))
-        ties = int((label_w[keep] == 0.5).sum()) + int((~keep).sum())
+        label = batch["label"].to(self.device)
+        swap, keep, label_w = self.orient_pairs(label)
+        ties = int((label == 0.5).sum())  # as labelled, before the tie policy
         w4 = swap.view(-1, *([1] * (lat_a.ndim - 1)))
         x_w, x_l = torch.where(w4, lat_b, lat_a), torch.where(w4, lat_a, lat_b)
         prompts = [p for p, k in zip(batch["prompt"], keep.tolist()) if k]

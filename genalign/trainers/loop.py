@@ -738,7 +738,9 @@ class Trainer:
         parts.append(f"a learning rate too high (lr={cfg.lr:g})")
         return "; or ".join(parts)
 
-    def _train_step(self, batches: Iterator[Any]) -> dict[str, Any]:
+    def _train_step(self, batches: Iterator[Any]) -> tuple[dict[str, Any], NonFiniteLossError | None]:
+        """One optimizer step over grad_accum micro-batches: (the step's record, an error to raise after
+        logging it when too many non-finite steps came in a row)."""
         cfg, acc = self.config, self.accelerator
         self.model.train()
         sums: dict[str, float] = {}
@@ -748,6 +750,8 @@ class Trainer:
             self.state.consumed_batches += 1
             with acc.autocast():
                 loss, metrics = self.compute_loss(batch)
+            for k, v in {"loss": loss, **metrics}.items():  # a non-finite loss is logged too (as null)
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
             if not bool(torch.isfinite(loss.detach()).all()):
                 # Keep reading the remaining micro-batches (every process must consume the same data) but never
                 # backpropagate a non-finite loss: it would poison the gradients of the whole step.
@@ -756,8 +760,6 @@ class Trainer:
                 continue
             if loss.requires_grad:
                 acc.backward(loss / cfg.grad_accum)
-            for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
 
         skip = self._any_process(nonfinite_loss)
         grad_norm = float("nan")
@@ -783,6 +785,7 @@ class Trainer:
         self.state.step += 1
         step = self.state.step
 
+        abort = None
         if skip:
             self.state.nonfinite_total += 1
             self.state.nonfinite_in_a_row += 1
@@ -793,7 +796,7 @@ class Trainer:
                            self.state.nonfinite_in_a_row, self.state.nonfinite_total)
             if self.state.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
                 cause = self._likely_cause(self._any_process(batch_nonfinite), grad_only)
-                raise NonFiniteLossError(
+                abort = NonFiniteLossError(
                     f"training stopped at step {step}: the {what} was not finite in {self.state.nonfinite_in_a_row} "
                     f"steps in a row (steps {self.state.first_nonfinite_step}-{step}; max_nonfinite_in_a_row="
                     f"{cfg.max_nonfinite_in_a_row}). Likely cause: {cause}. The last checkpoint before it is "
@@ -808,7 +811,7 @@ class Trainer:
                        "nonfinite_skipped": self.state.nonfinite_total})
         if skip:
             record["skipped_nonfinite"] = True
-        return record
+        return record, abort
 
     # ------------------------------------------------------------------------------------- train
     def train(self, stop_at_step: int | None = None) -> TrainResult:
@@ -844,12 +847,14 @@ class Trainer:
         start = time.perf_counter()
         try:
             while self.state.step < target:
-                record = self._train_step(batches)
+                record, abort = self._train_step(batches)
                 step = self.state.step
-                self.on_step_end(step)
                 if step % cfg.log_every == 0 or step == target or record.get("skipped_nonfinite"):
                     record["elapsed_s"] = round(time.perf_counter() - start, 3)
                     self._log(record)
+                if abort is not None:
+                    raise abort
+                self.on_step_end(step)
                 bar.update(1)
                 if "loss" in record:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)

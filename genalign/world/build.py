@@ -177,7 +177,7 @@ def pretrain_flow(
     model.train().requires_grad_(True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warmup = min(200, steps // 10)
+    warmup = max(1, min(200, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))) * 0.9 + 0.1)
     )

@@ -4,6 +4,8 @@ A tiny AutoencoderKLWan collapsed to blank frames when trained on CPU (WORLD.md)
 space is the image latent space of each frame, with no temporal compression. This class gives it the
 interface WanPipeline expects of its VAE (5-D tensors, `z_dim`, per-channel `latents_mean` / `latents_std`,
 `scale_factor_temporal` / `scale_factor_spatial`), so the video model is an ordinary diffusers pipeline folder.
+diffusers records this class in model_index.json as ["genalign.world.video_vae", "FramewiseAutoencoderKL"] and,
+when loading, looks for its loadable base classes (ModelMixin) in this module's namespace: hence the import.
 Note for the stock WanPipeline: it rounds `num_frames` to `k * scale_factor_temporal + 1`, which with a temporal
 factor of 1 adds one frame; genalign's own sampler and pipelines take `num_frames` literally.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers import ModelMixin  # noqa: F401  (see below)
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 
