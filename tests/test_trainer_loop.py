@@ -159,7 +159,7 @@ def test_sigkill_leaves_only_complete_checkpoints_and_resume_finishes(tmp_path):
         cfg = TrainConfig(output_dir={str(out)!r}, max_steps={max_steps}, batch_size=4, lr=0.05, lr_scheduler="cosine",
                           warmup_steps=3, ema_decay=0.9, checkpoint_every=1, keep_checkpoints=3, log_every=1,
                           resume="latest", progress_bar=False, report_to="none")
-        result = ToyTrainer(cfg, sleep=0.01).train()
+        result = ToyTrainer(cfg, sleep=0.02).train()
         print("finished", result.step)
     """))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -171,6 +171,7 @@ def test_sigkill_leaves_only_complete_checkpoints_and_resume_finishes(tmp_path):
     time.sleep(random.uniform(0.0, 0.4))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill: the test checked nothing"
     killed_at = latest_checkpoint(out)
     # Every folder under a checkpoint name is complete; anything else (.tmp-, .trash-) is not listed.
     for p in out.iterdir():
@@ -283,6 +284,23 @@ def test_flow_dpo_learns_a_separable_pair_set_and_the_lora_loads_in_diffusers(sd
         v_loaded = velocity_probe(SD3Adapter(stock))
         assert (v_loaded - v_trained).abs().max().item() < 1e-5
     assert (velocity_probe(SD3Adapter(copy.deepcopy(sd3_pipe))) - v_trained).abs().max().item() > 1e-3
+
+
+def test_cached_latents_give_the_same_loss_as_pixels(sd3_pipe, tmp_path):
+    from genalign.data import build_cache, load_cache
+
+    pairs = separable_pairs(4)
+    encoder = sd3_adapter(sd3_pipe)
+    cache = load_cache(build_cache(encoder, pairs, tmp_path / "cache", resolution=32, progress=False), adapter=encoder)
+    trainer = FlowDPOTrainer(sd3_adapter(sd3_pipe), dpo_config(tmp_path, max_steps=3), pairs)
+    trainer.train()  # a LoRA that is not a no-op, so that the loss depends on the latents
+    from_pixels = trainer.collate_fn(pairs)
+    from_cache = trainer.collate_fn([cache[i] for i in range(len(cache))])
+    assert "latents_a" in from_cache and "cond" in from_cache and "pixels_a" in from_pixels
+    loss_pixels, _ = fixed_batch_loss(trainer, from_pixels)
+    loss_cache, _ = fixed_batch_loss(trainer, from_cache)
+    assert loss_pixels != pytest.approx(np.log(2), abs=1e-3)
+    assert loss_cache == pytest.approx(loss_pixels, abs=1e-5)
 
 
 def test_flow_dpo_resume_is_exact(sd3_pipe, tmp_path):

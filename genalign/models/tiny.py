@@ -84,7 +84,8 @@ def t5_text_encoder(tok, seed: int, d_model: int = TEXT_DIM, umt5: bool = False)
     return model.eval()
 
 
-def autoencoder_kl(seed: int, latent_channels: int = 4, scaling_factor: float = 0.8, shift_factor: float | None = None):
+def autoencoder_kl(seed: int, latent_channels: int = 4, scaling_factor: float = 0.8, shift_factor: float | None = None,
+                   block_out_channels: tuple[int, int] = (8, 16), norm_num_groups: int = 4):
     """AutoencoderKL with a spatial factor of 2 (two blocks)."""
     from diffusers import AutoencoderKL
 
@@ -94,10 +95,10 @@ def autoencoder_kl(seed: int, latent_channels: int = 4, scaling_factor: float = 
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
+        block_out_channels=block_out_channels,
         layers_per_block=1,
         latent_channels=latent_channels,
-        norm_num_groups=4,
+        norm_num_groups=norm_num_groups,
         sample_size=32,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,

@@ -22,9 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import flow
+from ..models.tiny import autoencoder_kl, clip_text_encoder
 from . import DEFAULT_SAMPLING
 from .corpus import make_image_corpus
-from .tokenizer import MAX_LENGTH, build_tokenizer
+from .tokenizer import build_tokenizer
 
 TEXT_DIM = 32
 
@@ -44,40 +45,9 @@ class BuildConfig:
     threads: int = 0  # 0: torch's default
 
 
-def clip_text_encoder(vocab_size: int, seed: int, eos_id: int, pad_id: int, bos_id: int):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    cfg = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=TEXT_DIM,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=MAX_LENGTH,
-        projection_dim=TEXT_DIM,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        bos_token_id=bos_id,
-    )
-    return CLIPTextModelWithProjection(cfg).eval()
-
-
 def small_vae(seed: int):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    """The world's autoencoder before training: 0.17M parameters, 32x32x3 pixels -> 4x16x16 latents."""
+    return autoencoder_kl(seed, scaling_factor=1.0, block_out_channels=(16, 32), norm_num_groups=8)
 
 
 def image_pipeline(seed: int, vae=None):
@@ -85,7 +55,6 @@ def image_pipeline(seed: int, vae=None):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     tok = build_tokenizer()
-    ids = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, bos_id=tok.bos_token_id)
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=16,
@@ -104,9 +73,9 @@ def image_pipeline(seed: int, vae=None):
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
         vae=vae if vae is not None else small_vae(seed),
-        text_encoder=clip_text_encoder(len(tok), seed + 1, **ids),
+        text_encoder=clip_text_encoder(tok, seed + 1, hidden_size=TEXT_DIM),
         tokenizer=tok,
-        text_encoder_2=clip_text_encoder(len(tok), seed + 2, **ids),
+        text_encoder_2=clip_text_encoder(tok, seed + 2, hidden_size=TEXT_DIM),
         tokenizer_2=copy.deepcopy(tok),
         text_encoder_3=None,
         tokenizer_3=None,

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models.tiny import t5_text_encoder
 from . import DEFAULT_SAMPLING
 from .build import BuildConfig, encode_raw, load_autoencoder, pretrain_flow, save_pipeline
 from .corpus import make_video_corpus
@@ -15,26 +16,6 @@ from .tokenizer import MAX_LENGTH, build_tokenizer
 
 VIDEO_TEXT_DIM = 32
 VIDEO_PATCH = (1, 4, 4)
-
-
-def umt5_text_encoder(vocab_size: int, seed: int, pad_id: int, eos_id: int):
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    torch.manual_seed(seed)
-    cfg = UMT5Config(
-        vocab_size=vocab_size,
-        d_model=VIDEO_TEXT_DIM,
-        d_kv=16,
-        d_ff=64,
-        num_layers=2,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-        decoder_start_token_id=pad_id,
-    )
-    return UMT5EncoderModel(cfg).eval()
 
 
 def video_transformer(seed: int):
@@ -63,7 +44,7 @@ def video_pipeline(seed: int, vae):
     tok = build_tokenizer()
     return WanPipeline(
         tokenizer=tok,
-        text_encoder=umt5_text_encoder(len(tok), seed + 3, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id),
+        text_encoder=t5_text_encoder(tok, seed + 3, d_model=VIDEO_TEXT_DIM, umt5=True),
         transformer=video_transformer(seed),
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),

@@ -13,8 +13,10 @@ factor of 1 adds one frame; genalign's own sampler and pipelines take `num_frame
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL
-from diffusers import ModelMixin  # noqa: F401  (see below)
+from diffusers import (
+    AutoencoderKL,
+    ModelMixin,  # noqa: F401  (see below)
+)
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 
