@@ -37,8 +37,6 @@ from ..config import ConfigError, load_config
 from ..losses.flow_dpo import BETA_SCHEDULES, DIVERGENCES, beta_at, flow_dpo_loss, per_sample_mse
 from .loop import TrainConfig, Trainer, config_help, eval_mode, option
 
-logger = logging.getLogger("genalign.trainers")
-
 REFERENCES = ("disabled_adapter", "adapter", "model")
 TIE_POLICIES = ("drop", "half", "keep_first")
 TIMESTEP_SAMPLERS = ("logit_normal", "uniform")
@@ -169,9 +167,6 @@ class FlowDPOTrainer(Trainer):
         if config.reference == "adapter":
             self.reference_snapshot = self._snapshot()
         self.tie_policy = config.tie_policy
-        stats = getattr(dataset, "stats", None)
-        if stats:
-            logger.info("Flow-DPO data: %s", dataset.summary() if hasattr(dataset, "summary") else stats)
 
     # ------------------------------------------------------------------------------------- setup
     def prepare_model(self) -> None:
@@ -353,7 +348,7 @@ class FlowDPOTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------- from a config
     @classmethod
-    def from_config(cls, config: FlowDPOConfig) -> "FlowDPOTrainer":
+    def from_config(cls, config: FlowDPOConfig) -> FlowDPOTrainer:
         """Load the model (`config.model`) and the data (`config.data`) and build the trainer."""
         from ..models import load_adapter
 
@@ -407,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("genalign").setLevel(logging.INFO)  # ours at INFO; accelerate's per-file chatter stays off
     result = FlowDPOTrainer.from_config(config).train()
     print(f"done: step {result.step}, LoRA at {result.final_model_dir}")
     return 0

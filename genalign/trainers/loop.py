@@ -56,7 +56,7 @@ ATTENTION_BACKENDS = ("sdpa", "xformers")
 TRACKERS = ("tensorboard", "wandb")
 
 
-def option(default, help: str, **kw):  # noqa: A002 - reads as the CLI's word
+def option(default, help: str, **kw):
     """A config field with its help text (shown by `config_help`, and by the CLI)."""
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
@@ -89,6 +89,8 @@ class TrainConfig:
     seed: int = option(0, "seed of weights initialisation, data order and noise")
     shuffle: bool = option(True, "shuffle the data (a seeded permutation per epoch)")
     num_workers: int = option(0, "DataLoader worker processes")
+    num_threads: int = option(0, "torch CPU threads (0: torch's default; 1-2 on a busy shared CPU, where waiting "
+                                 "threads make small models many times slower)")
     resume: str | None = option(None, "'latest' (newest complete checkpoint in output_dir, or a fresh start if none) or a checkpoint folder")
     max_nonfinite_in_a_row: int = option(5, "abort after this many consecutive steps with a non-finite loss")
     report_to: str = option("auto", "trackers: auto (tensorboard if installed) | none | tensorboard | wandb | tensorboard,wandb")
@@ -101,8 +103,8 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, key) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("warmup_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "max_grad_norm",
-                    "weight_decay"):
+        for key in ("warmup_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "num_threads",
+                    "max_grad_norm", "weight_decay"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
         if self.lr <= 0:
@@ -187,7 +189,8 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if not state_file.is_file():
-        raise CheckpointError(f"{str(path)!r} is not a complete checkpoint (no {STATE_FILE})")
+        hint = "; pass a checkpoint-{step} folder, or resume=latest" if list_checkpoints(path) else ""
+        raise CheckpointError(f"{str(path)!r} is not a complete checkpoint (no {STATE_FILE}){hint}")
     try:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as e:
@@ -203,7 +206,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             try:
                 with safe_open(str(f), framework="pt") as h:
                     h.keys()
-            except Exception as e:  # noqa: BLE001 - any parse failure means a damaged file
+            except Exception as e:  # any parse failure means a damaged file
                 raise CheckpointError(f"checkpoint {str(path)!r}: {rel} is not a readable safetensors file ({e})") from e
     return state
 
@@ -376,6 +379,8 @@ class Trainer:
         self.collate_fn = collate_fn
         self.output_dir = Path(config.output_dir)
         self.trackers = trackers_from_config(config.report_to)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
 
         self.accelerator = self._make_accelerator()
         from accelerate.utils import set_seed
@@ -833,9 +838,10 @@ class Trainer:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
             logger.info("resumed from %s at step %d", resume_from, self.state.step)
-            if self.is_main:
-                self._truncate_metrics(self.state.step)
         if self.is_main:
+            # Records past the restored step (or any, on a fresh start) come from a run killed before it could
+            # checkpoint them: they are written again, so drop them (no duplicated steps).
+            self._truncate_metrics(self.state.step)
             save_config(self.config, self.output_dir / "config.yaml")
         if self.trackers:
             acc.init_trackers("genalign", config=_flat_config(cfg))
