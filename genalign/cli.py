@@ -10,17 +10,17 @@ from pathlib import Path
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _load_model(model: str | None, kind: str | None):
-    """Resolve --model (default: the world's base model of --kind) and load its adapter + sampling defaults."""
-    from .models import load_adapter
-    from .world import sampling_defaults, world_model_path
+def _load_model(model: str | None, kind: str | None, lora: str | None = None):
+    """Resolve --model (default: the world's base model of --kind), load its adapter and, if given, a LoRA."""
+    from .models import ModelLoadError, load_adapter
+    from .world import resolve_model
 
-    path = str(world_model_path(kind or "image")) if model in (None, "world", "world-image", "world-video") else model
-    if model in ("world-video",):
-        path = str(world_model_path("video"))
-    defaults = sampling_defaults(path, kind) if Path(path).is_dir() else {}
-    extra = {"max_sequence_length": defaults["max_sequence_length"]} if "max_sequence_length" in defaults else {}
-    adapter = load_adapter(path, **extra)
+    path, adapter_kwargs, defaults = resolve_model(model, kind)
+    adapter = load_adapter(path, **adapter_kwargs)
+    if lora:
+        if not Path(lora).exists():
+            raise ModelLoadError(f"--lora {lora!r} does not exist")
+        adapter.load_lora(lora)
     return adapter, defaults, path
 
 
@@ -70,7 +70,7 @@ def cmd_sample(args) -> int:
     from .media import image_grid, save_png, video_strip, write_video
     from .sampling import latents_to_uint8, sample_latents
 
-    adapter, defaults, path = _load_model(args.model, args.kind)
+    adapter, defaults, path = _load_model(args.model, args.kind, args.lora)
     prompts = _read_prompts(args, _is_world_model(path))
     kw = _sampling_kwargs(args, defaults, adapter)
     flat = [p for p in prompts for _ in range(args.num_per_prompt)]
@@ -105,7 +105,7 @@ def cmd_eval(args) -> int:
     from .eval.oracle_eval import generate, judge_samples, summarize, write_report
     from .world.grammar import heldout_eval_prompts
 
-    adapter, defaults, path = _load_model(args.model, args.kind)
+    adapter, defaults, path = _load_model(args.model, args.kind, args.lora)
     kind = "video" if adapter.is_video else "image"
     if args.prompts in (None, "heldout"):
         prompts = heldout_eval_prompts(kind, n=args.num_prompts)
@@ -155,7 +155,7 @@ def cmd_world_pairs(args) -> int:
     from .world.annotators import Annotator, make_preference_data
     from .world.grammar import image_splits, video_splits
 
-    adapter, defaults, path = _load_model(args.model, args.kind)
+    adapter, defaults, path = _load_model(args.model, args.kind, args.lora)
     kind = "video" if adapter.is_video else "image"
     split = (image_splits() if kind == "image" else video_splits())
     pool = split.train if args.split == "train" else split.heldout
@@ -166,6 +166,23 @@ def cmd_world_pairs(args) -> int:
                                seed=args.seed, **kw)
     print(f"wrote {args.num_pairs} labelled {kind} pairs to {out}")
     return 0
+
+
+TRAINERS = {"flow-dpo": "genalign.trainers.flow_dpo"}
+
+
+def cmd_train(args) -> int:
+    """Each trainer module owns its argument parser (config recipe + key=value overrides)."""
+    import importlib
+
+    return importlib.import_module(TRAINERS[args.algorithm]).main(args.trainer_args)
+
+
+def cmd_quickstart(args) -> int:
+    from .quickstart import main as quickstart_main
+
+    args.kind = "video" if args.video else "image"
+    return quickstart_main(args)
 
 
 def cmd_cache(args) -> int:
@@ -180,6 +197,7 @@ def cmd_cache(args) -> int:
 def _add_sampling_flags(p, with_prompts: bool = True) -> None:
     p.add_argument("--model", default=None, help="pipeline folder or hub id (default: the world's base model)")
     p.add_argument("--kind", choices=["image", "video"], default=None, help="which world model when --model is unset")
+    p.add_argument("--lora", default=None, help="a LoRA folder in diffusers format (e.g. a trainer's output_dir/lora)")
     if with_prompts:
         p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
@@ -191,6 +209,9 @@ def _add_sampling_flags(p, with_prompts: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .quickstart import QuickstartConfig
+
+    QUICKSTART_DEFAULTS = QuickstartConfig()
     parser = argparse.ArgumentParser(prog="genalign", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -210,6 +231,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-prompt", type=int, default=4)
     p.add_argument("--out", default="eval-report")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="train with an algorithm: genalign train flow-dpo --config RECIPE [key=value]")
+    p.add_argument("algorithm", choices=sorted(TRAINERS), help="the training algorithm")
+    p.add_argument("trainer_args", nargs=argparse.REMAINDER,
+                   help="--config RECIPE, --resume latest, --help-config, key=value overrides (see --help)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("quickstart", help="the main job on the built-in world: sample, label pairs, Flow-DPO, "
+                                          "evaluate base vs aligned, write a report (about 10 min on 2 CPU cores)")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--video", action="store_true", help="run on the world's video model (VQ / MQ / TA)")
+    p.add_argument("--steps", type=int, default=QUICKSTART_DEFAULTS.steps, help="Flow-DPO steps")
+    p.add_argument("--num-pair-prompts", type=int, default=QUICKSTART_DEFAULTS.num_pair_prompts,
+                   help="training prompts; two base samples each make one labelled pair")
+    p.add_argument("--beta", type=float, default=QUICKSTART_DEFAULTS.beta)
+    p.add_argument("--beta-schedule", default="constant", choices=["constant", "one_minus_t_sq"])
+    p.add_argument("--lr", type=float, default=QUICKSTART_DEFAULTS.lr)
+    p.add_argument("--eval-prompts", type=int, default=QUICKSTART_DEFAULTS.eval_prompts)
+    p.add_argument("--eval-samples-per-prompt", type=int, default=QUICKSTART_DEFAULTS.eval_samples_per_prompt)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("cache", help="encode a preference dataset into a latent + text-embedding cache")
     p.add_argument("--model", required=True, help="pipeline folder or hub id whose VAE/text encoders to use")

@@ -58,7 +58,7 @@ def build_clip_tokenizer(max_length: int = 77):
     from transformers import CLIPTokenizer
 
     bpe = SimpleTokenizer()
-    merges = [" ".join(pair) for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])]
+    merges = [tuple(pair) for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])]
     tokenizer = CLIPTokenizer(vocab=dict(bpe.encoder), merges=merges, model_max_length=max_length)
     check_tokenizer_size(tokenizer, len(bpe.encoder), "the CLIP tokenizer built from open_clip's BPE file")
     return tokenizer

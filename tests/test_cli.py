@@ -22,7 +22,8 @@ def genalign(*args, check=True, cwd=None):
     return out
 
 
-@pytest.mark.parametrize("cmd", [[], ["sample"], ["eval"], ["cache"], ["world"], ["world", "build"], ["world", "pairs"]])
+@pytest.mark.parametrize("cmd", [[], ["sample"], ["eval"], ["cache"], ["world"], ["world", "build"], ["world", "pairs"],
+                                 ["train"], ["train", "flow-dpo"], ["quickstart"]])
 def test_every_command_has_help(cmd):
     out = genalign(*cmd, "--help")
     assert "usage: genalign" in out.stdout and "-h, --help" in out.stdout

@@ -354,25 +354,14 @@ class FlowDPOTrainer(Trainer):
 
         if not config.data:
             raise ConfigError("config key 'data': give the preference pairs or a latent cache folder (data=PATH)")
-        model_path, extra = _resolve_model(config.model)
+        from ..world import resolve_model
+
+        model_path, extra, _ = resolve_model(config.model)
         if config.max_sequence_length:
             extra["max_sequence_length"] = config.max_sequence_length
         adapter = load_adapter(model_path, **extra)
         dataset = load_training_pairs(config.data, adapter, config)
         return cls(adapter, config, dataset)
-
-
-def _resolve_model(model: str) -> tuple[str, dict]:
-    """'world' / 'world-image' / 'world-video' -> the shipped world model (+ its stored sampling settings)."""
-    if model in ("world", "world-image", "world-video"):
-        from ..world import sampling_defaults, world_model_path
-
-        kind = "video" if model == "world-video" else "image"
-        path = str(world_model_path(kind))
-        defaults = sampling_defaults(path, kind)
-        extra = {"max_sequence_length": defaults["max_sequence_length"]} if "max_sequence_length" in defaults else {}
-        return path, extra
-    return model, {}
 
 
 def load_training_pairs(data: str, adapter, config: FlowDPOConfig):

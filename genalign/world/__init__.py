@@ -40,3 +40,21 @@ def sampling_defaults(model_path: str | Path, kind: str | None = None) -> dict:
     if f.is_file():
         return json.loads(f.read_text())
     return dict(DEFAULT_SAMPLING.get(kind or "image", DEFAULT_SAMPLING["image"]))
+
+
+WORLD_MODEL_NAMES = {"world": "image", "world-image": "image", "world-video": "video"}
+
+
+def resolve_model(model: str | None, kind: str | None = None) -> tuple[str, dict, dict]:
+    """A `--model` value -> (path or hub id, adapter keyword arguments, sampling defaults).
+
+    None / 'world' / 'world-image' / 'world-video' name the shipped world models (None follows `kind`);
+    anything else is a pipeline folder or hub id. A folder's genalign_sampling.json (written with the world's
+    models) supplies its sampling defaults and text length."""
+    if model is None or model in WORLD_MODEL_NAMES:
+        path = str(world_model_path(WORLD_MODEL_NAMES.get(model, kind or "image")))
+    else:
+        path = str(model)
+    defaults = sampling_defaults(path, kind) if Path(path).is_dir() else {}
+    adapter_kwargs = {"max_sequence_length": defaults["max_sequence_length"]} if "max_sequence_length" in defaults else {}
+    return path, adapter_kwargs, defaults
