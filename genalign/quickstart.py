@@ -29,6 +29,7 @@ from .config import save_config
 class QuickstartConfig:
     out: str = "runs/quickstart"
     kind: str = "image"  # image | video
+    model: str | None = None  # None: the world's base model of `kind` (another world-language model folder works)
     num_pair_prompts: int = 512  # training prompts, two base samples each -> one labelled pair
     annotator_noise: float = 0.1
     tie_margin: float = 0.05
@@ -67,8 +68,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "quickstart.yaml")
-    model_name = "world-video" if cfg.kind == "video" else "world-image"
-    model_path, adapter_kwargs, defaults = resolve_model(model_name)
+    model_name = cfg.model or ("world-video" if cfg.kind == "video" else "world-image")
+    model_path, adapter_kwargs, defaults = resolve_model(model_name, cfg.kind)
     adapter = load_adapter(model_path, **adapter_kwargs)
     sampling = _sampling(adapter, defaults)
     timings: dict[str, float] = {}
@@ -150,8 +151,8 @@ def _strip(summary: dict) -> dict:
 
 
 def _sample_command(cfg: QuickstartConfig, model_name: str, lora_dir, prompts: list[str]) -> str:
-    kind = " --kind video" if cfg.kind == "video" else ""
-    return f'genalign sample{kind} --lora {lora_dir} --prompt "{prompts[0]}" --out aligned-samples'
+    model = f" --model {cfg.model}" if cfg.model else (" --kind video" if cfg.kind == "video" else "")
+    return f'genalign sample{model} --lora {lora_dir} --prompt "{prompts[0]}" --out aligned-samples'
 
 
 def _fmt(ci: dict) -> str:

@@ -384,18 +384,19 @@ class RewardModel(nn.Module):
         """Load a folder written by `save_pretrained` or a published layout this class reads."""
         directory = Path(directory)
         kind = detect_reward_kind(directory)
-        if cls is not RewardModel and kind != cls.kind:
+        model_class = reward_class(kind) if cls is RewardModel else cls  # the base class dispatches on the kind
+        if kind != model_class.kind:
             raise RewardLoadError(
-                f"{str(directory)!r} holds a {kind!r} reward model, not a {cls.kind!r} one; load it with "
+                f"{str(directory)!r} holds a {kind!r} reward model, not a {model_class.kind!r} one; load it with "
                 f"genalign.rewards.load_reward_model({str(directory)!r})")
         meta = read_reward_config(directory)
         if meta is not None:
-            model = cls._from_saved(directory, meta.get("config", {}), **kwargs)
+            model = model_class._from_saved(directory, meta.get("config", {}), **kwargs)
             model.set_normalization(meta.get("normalization", {}))
             if meta.get("training_fps") is not None:
                 model.training_fps = float(meta["training_fps"])
         else:
-            model = cls._from_published(directory, **kwargs)
+            model = model_class._from_published(directory, **kwargs)
         model.differentiable, model.normalize = differentiable, normalize
         if batch_size:
             model.batch_size = batch_size

@@ -12,7 +12,9 @@ Two backends:
 
 - transformers `CLIPModel` + tokenizer. `CLIPReward.from_pretrained(folder)` reads the layout PickScore is
   published in: `config.json` (model_type "clip"), `model.safetensors`, tokenizer files and
-  `preprocessor_config.json` (resize / crop size, mean, std).
+  `preprocessor_config.json` (resize / crop size, mean, std). A folder without tokenizer files needs
+  `tokenizer=` (CLIP's BPE tokenizer: `build_clip_tokenizer()`); without preprocessor_config.json the vision
+  config's image size and CLIP's mean / std are used.
 - open_clip. `CLIPReward.from_open_clip("ViT-H-14", "HPS_v2_compressed.pt", use_logit_scale=False)` reads
   HPSv2's layout: an open_clip architecture name plus a checkpoint file holding a state dict (torch
   `weights_only=True`, optionally under a "state_dict" key, or safetensors). Architectures that open_clip does not
@@ -58,8 +60,12 @@ def build_clip_tokenizer(max_length: int = 77):
     from transformers import CLIPTokenizer
 
     bpe = SimpleTokenizer()
+    # open_clip names the start / end tokens <start_of_text> / <end_of_text>; CLIP's vocabulary files use
+    # <|startoftext|> / <|endoftext|> for the same ids (49406, 49407)
+    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {renamed.get(token, token): index for token, index in bpe.encoder.items()}
     merges = [tuple(pair) for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])]
-    tokenizer = CLIPTokenizer(vocab=dict(bpe.encoder), merges=merges, model_max_length=max_length)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
     check_tokenizer_size(tokenizer, len(bpe.encoder), "the CLIP tokenizer built from open_clip's BPE file")
     return tokenizer
 
@@ -332,11 +338,11 @@ class CLIPReward(RewardModel):
         # every frame of every item, resized to the crop size; `owner[i]` = the item frame i belongs to
         frames, owner = [], []
         for index, item in enumerate(pixels):
-            item = item.to(device=self.device, dtype=self.dtype)
+            item = item.to(device=self.device, dtype=torch.float32)  # resized in float32, then the model's dtype
             item = item[None] if item.ndim == 3 else item
             frames.append(resize_shortest_and_center_crop(item, self.resize_size, self.crop_size))
             owner += [index] * item.shape[0]
-        image_features = self.encode_images(torch.cat(frames))
+        image_features = self.encode_images(torch.cat(frames).to(self.dtype))
         text_features = self.encode_text(prompts)
         owner = torch.tensor(owner, device=image_features.device)
         cosine = (image_features * text_features[owner]).sum(dim=-1)
@@ -375,12 +381,16 @@ def tiny_clip_reward(seed: int = 0, image_size: int = 32, **kwargs) -> CLIPRewar
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=image_size, patch_size=8),
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": tokenizer.model_max_length,
+            "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "image_size": image_size, "patch_size": 8,
+        },
         projection_dim=16,
     )
     return CLIPReward.from_transformers(CLIPModel(config).eval(), tokenizer, **kwargs)

@@ -126,7 +126,7 @@ def check_template(template: str) -> None:
         positions[name] = template.index(piece)
     video, prompt = positions["{video}"], positions["{prompt}"]
     vq, mq, ta = (positions[REWARD_TOKENS[d]] for d in DIMENSIONS)
-    if not (video < vq < prompt and video < mq < prompt and prompt < ta):
+    if not (video < vq < prompt and video < mq < prompt < ta):
         raise ValueError("the prompt template must place {video} first, <|VQ_reward|> and <|MQ_reward|> before "
                          "{prompt}, and <|TA_reward|> after it (VQ and MQ must not see the prompt)")
 
@@ -176,7 +176,13 @@ class VideoReward(RewardModel):
     overall_dimension = "Overall"
 
     def __init__(self, backbone: nn.Module, tokenizer, config: VideoRewardConfig | None = None, **kwargs):
+        """`backbone`: a `Qwen2VLModel` (a `Qwen2VLForConditionalGeneration` folder loads as one with
+        `Qwen2VLModel.from_pretrained`); `tokenizer`: its tokenizer. The reward tokens are added to the tokenizer
+        and the embedding table (both are changed in place) and LoRA is attached per `config`."""
         config = config or VideoRewardConfig()
+        if not (hasattr(backbone, "visual") and hasattr(backbone, "language_model")):
+            raise TypeError("VideoReward needs a transformers Qwen2VLModel holding both .visual and .language_model "
+                            f"(transformers >= 5), got {type(backbone).__name__}")
         super().__init__(DIMENSIONS, training_fps=config.fps, **kwargs)
         self.config = config
         self.tokenizer = tokenizer
@@ -309,8 +315,9 @@ class VideoReward(RewardModel):
         device = self.device
         patches, grids = [], []
         for item in pixels:
-            p, grid = self.video_patches(item.to(device=device, dtype=self.dtype))
-            patches.append(p)
+            # preprocessing in float32 (antialiased resizing has no half-precision CPU kernel), then the model's dtype
+            p, grid = self.video_patches(item.to(device=device, dtype=torch.float32))
+            patches.append(p.to(self.dtype))
             grids.append(grid)
         merge = self.merge_size**2
         text = self.text_inputs(prompts, [t * h * w // merge for t, h, w in grids])
@@ -321,6 +328,7 @@ class VideoReward(RewardModel):
             pixel_values_videos=torch.cat(patches),
             video_grid_thw=torch.tensor(grids, device=device),
             mm_token_type_ids=(input_ids == self.video_token_id).int() * 2,  # 0 text, 2 video
+            use_cache=False,
         )
         hidden = out.last_hidden_state
         rows = torch.arange(hidden.shape[0], device=device)
@@ -515,7 +523,7 @@ class VideoReward(RewardModel):
             if unknown:
                 raise RewardLoadError(f"{str(checkpoint)!r}: weights that fit no parameter: {unknown[:5]}")
             target.load_state_dict(renamed, strict=False)
-        if "inference_config" in meta and meta["inference_config"]:
+        if meta.get("inference_config"):
             ic = meta["inference_config"]
             model.set_normalization({d: {"mean": ic[f"{d}_mean"], "std": ic[f"{d}_std"]}
                                      for d in DIMENSIONS if f"{d}_mean" in ic})
@@ -538,11 +546,10 @@ def qwen2vl_model_key(key: str) -> str:
     (transformers 5), or "rm_head.*" / "lm_head.*" unchanged. Reads transformers 4 names (`model.layers.*`,
     `visual.*`) and 5 names (`model.language_model.*`, `model.visual.*`), under peft's `base_model.model.`."""
     for prefix in ("module.", "base_model.model."):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
+        key = key.removeprefix(prefix)
     if key.startswith(("rm_head.", "lm_head.", "visual.", "language_model.")):
         return key
-    if key.startswith("model.language_model.") or key.startswith("model.visual."):
+    if key.startswith(("model.language_model.", "model.visual.")):
         return key[len("model."):]
     if key.startswith("model."):  # transformers 4: the text model was `model`
         return "language_model." + key[len("model."):]
@@ -638,13 +645,17 @@ def tiny_qwen2vl_backbone(tokenizer, seed: int = 0, hidden_size: int = 64, num_l
     half_head = hidden_size // heads // 2
     mrope = [half_head - 2 * (half_head // 3), half_head // 3, half_head // 3]  # temporal, height, width
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=2,
-                         max_position_embeddings=1024, bos_token_id=ids["<|endoftext|>"],
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                         rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0}),
-        vision_config=dict(depth=vision_depth, embed_dim=vision_width, hidden_size=hidden_size, num_heads=2,
-                           patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=2),
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers, "num_attention_heads": heads, "num_key_value_heads": 2,
+            "max_position_embeddings": 1024, "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+            "rope_parameters": {"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0},
+        },
+        vision_config={
+            "depth": vision_depth, "embed_dim": vision_width, "hidden_size": hidden_size, "num_heads": 2,
+            "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2, "mlp_ratio": 2,
+        },
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )

@@ -25,16 +25,7 @@ except ModuleNotFoundError:  # an editable install made before pyproject mapped 
     sys.modules["genalign.rewards"] = _module
     _spec.loader.exec_module(_module)
 
-from genalign.data import DataError, PreferencePair  # noqa: E402
-from genalign.losses.reward import (  # noqa: E402
-    accuracy_with_ties,
-    accuracy_without_ties,
-    bt_loss,
-    btt_loss,
-    pickscore_loss,
-    reward_accuracy,
-)
-from genalign.rewards import (  # noqa: E402
+from genalign.rewards import (
     CLIPReward,
     RewardInputWarning,
     RewardLoadError,
@@ -44,6 +35,16 @@ from genalign.rewards import (  # noqa: E402
     load_reward_model,
     tiny_clip_reward,
     tiny_video_reward,
+)
+
+from genalign.data import DataError, PreferencePair
+from genalign.losses.reward import (
+    accuracy_with_ties,
+    accuracy_without_ties,
+    bt_loss,
+    btt_loss,
+    pickscore_loss,
+    reward_accuracy,
 )
 
 NAN = float("nan")
@@ -259,8 +260,7 @@ def test_probs_is_a_softmax_over_one_prompts_candidates():
 def test_differentiable_flag_controls_gradients_to_float_pixels():
     reward = tiny_clip_reward()
     pixels = torch.rand(2, 3, 40, 48, requires_grad=True)  # not at the model's size: resize + crop in torch
-    reward(pixels, PROMPTS[:2]).sum().backward()
-    assert pixels.grad is None  # differentiable=False: scored under no_grad
+    assert not reward(pixels, PROMPTS[:2]).requires_grad  # differentiable=False: scored under no_grad
     reward.differentiable = True
     score = reward(pixels, PROMPTS[:2])
     score.sum().backward()
@@ -452,12 +452,29 @@ def test_video_reward_round_trips_lora_head_and_normalisation_through_save_and_l
         CLIPReward.from_pretrained(folder)
 
 
+def test_video_reward_saved_without_its_base_keeps_lora_head_and_reward_token_embeddings(tmp_path):
+    from genalign.rewards import VideoRewardConfig, build_tiny_qwen2vl_tokenizer, tiny_qwen2vl_backbone
+    from transformers import AutoTokenizer, Qwen2VLModel
+
+    base = tmp_path / "base"
+    tiny_qwen2vl_backbone(build_tiny_qwen2vl_tokenizer(), seed=5).save_pretrained(base)
+    model = VideoReward(Qwen2VLModel.from_pretrained(base), build_tiny_qwen2vl_tokenizer(),
+                        VideoRewardConfig(lora_rank=4, frame_size=(32, 32), base_model_path=str(base)))
+    perturb_trainable(model, seed=1)
+    folder = model.save_pretrained(tmp_path / "reward")
+    assert not (folder / "backbone").exists()
+    videos, prompts = clips(2, seed=9), ["red circle moving up", "cyan cross still"]
+    want, got = model(videos, prompts), load_reward_model(folder)(videos, prompts)
+    for dim in want:
+        assert torch.allclose(want[dim], got[dim], atol=1e-5), dim
+    assert isinstance(AutoTokenizer.from_pretrained(folder / "tokenizer"), type(model.tokenizer))
+
+
 def test_video_reward_loads_the_published_videoalign_layout(tmp_path):
     """A VideoAlign-style folder: model_config.json + checkpoint-<step>/ with a peft adapter whose keys use
     transformers 4 names (`model.layers.*`) and a non-LoRA torch file with `rm_head` and the embeddings."""
-    from safetensors.torch import load_file, save_file
-
     from genalign.rewards import VideoRewardConfig, build_tiny_qwen2vl_tokenizer, tiny_qwen2vl_backbone
+    from safetensors.torch import load_file, save_file
 
     base = tmp_path / "Qwen2-VL-tiny"  # the base model folder, as downloaded (no reward tokens)
     tiny_qwen2vl_backbone(build_tiny_qwen2vl_tokenizer(), seed=7).save_pretrained(base)

@@ -56,7 +56,7 @@ def summarize(rows: list[dict], samples: np.ndarray) -> dict:
         for t, idx in sorted(by_template.items())
     }
     out["diversity"] = diversity(samples, prompts)
-    out["per_prompt"] = {d: per_prompt_means(prompts, [r[d] for r in rows]) for d in dims}
+    out["per_prompt"] = {d: per_prompt_means(prompts, [r[d] for r in rows]) for d in dims + ["strict"]}
     return out
 
 

@@ -118,16 +118,20 @@ def analyze_image(img) -> ImageAnalysis:
     for lab in order:
         region = ndimage.binary_dilation(labels == lab, iterations=2)
         near_objects |= region
-        core = ndimage.binary_erosion(labels == lab) if (labels == lab).sum() > 12 else labels == lab
+        core = ndimage.binary_erosion(labels == lab)
+        if not core.any():  # thin blobs: their colour from every pixel
+            core = labels == lab
         mean_color = img[core].mean(axis=0)
         ci = int(np.argmin(np.linalg.norm(PALETTE - mean_color, axis=1)))
         # Coverage: how far each pixel has moved from the background towards the object's colour.
         direction = PALETTE[ci] - bg
         cov = np.clip(((img - bg) @ direction) / max(float(direction @ direction), 1e-6), 0, 1) * region
-        shape, cx, cy, r, iou = _fit_shape(cov, cov > 0.5)
+        body = cov > 0.5
+        if not body.any():  # a blob whose colour is far from every palette colour: fit its raw silhouette
+            body = labels == lab
+        shape, cx, cy, r, iou = _fit_shape(cov, body)
         # Edge width: a one-pixel anti-aliased edge has at most about one partly covered pixel per boundary
         # pixel; blur spreads the edge over several.
-        body = cov > 0.5
         boundary = max(int((body & ~ndimage.binary_erosion(body)).sum()), 1)
         partial = int(((cov > 0.15) & (cov < 0.85)).sum())
         sharp = float(np.clip(2.0 - partial / boundary, 0, 1))
