@@ -5,26 +5,13 @@ against the published layouts (a transformers CLIP folder like PickScore's, an o
 dict like HPSv2's) written from tiny random models; VideoReward on a tiny Qwen2-VL built offline.
 """
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-try:
-    import genalign.rewards  # noqa: F401
-except ModuleNotFoundError:  # an editable install made before pyproject mapped rewards/ -> genalign.rewards
-    _spec = importlib.util.spec_from_file_location(
-        "genalign.rewards", Path(__file__).parents[1] / "rewards" / "__init__.py",
-        submodule_search_locations=[str(Path(__file__).parents[1] / "rewards")])
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules["genalign.rewards"] = _module
-    _spec.loader.exec_module(_module)
-
 from genalign.rewards import (
     CLIPReward,
     RewardInputWarning,

@@ -9,6 +9,15 @@ from .flow_dpo import (
     flow_dpo_loss,
     per_sample_mse,
 )
+from .reward import (
+    accuracy_with_ties,
+    accuracy_without_ties,
+    bt_loss,
+    btt_log_probs,
+    btt_loss,
+    pickscore_loss,
+    reward_accuracy,
+)
 
 __all__ = [
     "BETA_SCHEDULES",
@@ -17,4 +26,11 @@ __all__ = [
     "f_prime_of_log_ratio",
     "flow_dpo_loss",
     "per_sample_mse",
+    "accuracy_with_ties",
+    "accuracy_without_ties",
+    "bt_loss",
+    "btt_log_probs",
+    "btt_loss",
+    "pickscore_loss",
+    "reward_accuracy",
 ]
