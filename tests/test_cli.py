@@ -99,3 +99,31 @@ def test_wrong_family_model_folder_is_refused(tmp_path):
                    check=False)
     assert out.returncode == 2 and "model_index.json" in out.stderr and "Traceback" not in out.stderr
     assert world_model_path("video").is_dir()
+
+
+def test_quickstart_end_to_end_at_a_tiny_budget(tmp_path):
+    out = tmp_path / "qs"
+    genalign("quickstart", "--steps", "4", "--num-pair-prompts", "24", "--eval-prompts", "4",
+             "--eval-samples-per-prompt", "2", "--out", out)
+    report = json.loads((out / "report.json").read_text())
+    assert report["train"]["steps"] == 4
+    assert report["pairs"]["rows"] == 24
+    assert {"TA", "VQ"} <= set(report["aligned_minus_base"])
+    for name in ("report.md", "samples.png", "curve.png", "pairs/pairs.parquet", "train/lora"):
+        assert (out / name).exists(), name
+    # the printed command samples with the trained LoRA
+    lora = out / "train" / "lora"
+    genalign("sample", "--lora", lora, "--prompt", "red circle", "--num-per-prompt", "1", "--steps", "2",
+             "--out", tmp_path / "aligned.png")
+    assert (tmp_path / "aligned.png").is_file()
+
+
+def test_train_flow_dpo_from_the_cli_and_resume(tmp_path):
+    genalign("world", "pairs", "--num-pairs", "12", "--steps", "3", "--noise", "0", "--out", tmp_path / "pairs")
+    args = ["train", "flow-dpo", "--config", "flow_dpo_world", f"data={tmp_path / 'pairs' / 'pairs.parquet'}",
+            f"output_dir={tmp_path / 'run'}", "batch_size=2", "checkpoint_every=2", "tie_policy=half", "num_threads=1", "log_every=1"]
+    genalign(*args, "max_steps=2")
+    assert (tmp_path / "run" / "checkpoint-2" / "lora").is_dir()
+    genalign(*args, "max_steps=4", "--resume", "latest")
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
