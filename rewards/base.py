@@ -470,7 +470,8 @@ def collate_reward_pairs(pairs: Sequence) -> dict[str, Any]:
     dims = list(dict.fromkeys(d for p in pairs for d in (p.labels or {})))
 
     def fps_of(pair, key):
-        value = (pair.meta or {}).get(key)
+        meta = pair.meta or {}
+        value = meta.get(key, meta.get(key.lower()))  # genalign.data's CSV reader lower-cases the meta keys
         try:
             return None if value in (None, "") else float(value)
         except (TypeError, ValueError):

@@ -396,8 +396,11 @@ class VideoReward(RewardModel):
         return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
     def save_pretrained(self, directory: str | os.PathLike, save_base: bool | None = None) -> Path:
-        """See the module docstring; `save_base` defaults to True unless `config.base_model_path` is set."""
-        self._save_base = save_base if save_base is not None else self.config.base_model_path is None
+        """See the module docstring; `save_base` defaults to True unless `config.base_model_path` is set and only
+        LoRA is trained (without LoRA the language model itself is trained: its weights must be saved)."""
+        if save_base is None:
+            save_base = self.config.base_model_path is None or not self.uses_lora
+        self._save_base = save_base
         return super().save_pretrained(directory)
 
     def _save_weights(self, directory: Path) -> None:

@@ -42,6 +42,18 @@ def test_built_image_model_loads_in_the_stock_pipeline(built):
     assert json.loads((built / "image-base" / "genalign_sampling.json").read_text())["guidance_scale"] > 1
 
 
+def test_built_video_model_loads_in_a_fresh_process(built):
+    """diffusers imports no custom module by itself: load_adapter must import the world's video VAE class."""
+    import subprocess
+    import sys
+
+    code = ("from genalign.models import load_adapter; "
+            f"a = load_adapter({str(built / 'video-base')!r}, max_sequence_length=16); print(type(a.pipe.vae).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("FramewiseAutoencoderKL")
+
+
 def test_built_video_model_loads_and_samples_clips(built):
     from diffusers import WanPipeline
 

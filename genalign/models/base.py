@@ -9,6 +9,7 @@ this interface, so each of them is written once for SD3, FLUX, Wan and UNet mode
 from __future__ import annotations
 
 import contextlib
+import importlib
 import copy
 import inspect
 import os
@@ -72,6 +73,10 @@ class FlowAdapter:
         for name, entry in (read_model_index(path_or_id) or {}).items():
             if isinstance(entry, list) and entry == [None, None]:
                 kwargs.setdefault(name, None)
+            # Components of genalign's own (the world video model's per-frame VAE) are importable code of this
+            # package: diffusers loads them only once their module is imported, and never imports it itself.
+            if isinstance(entry, list) and isinstance(entry[0], str) and entry[0].startswith("genalign."):
+                importlib.import_module(entry[0])
         try:
             pipe = DiffusionPipeline.from_pretrained(str(path_or_id), torch_dtype=torch_dtype, **kwargs)
         except OSError as e:

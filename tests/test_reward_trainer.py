@@ -1,0 +1,388 @@
+"""Reward-model training (genalign.trainers.reward) and evaluation (genalign.eval.reward_eval), on CPU with the
+tiny reward models and small preference sets made from the world's renderer and annotators."""
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from genalign.rewards import RewardModel, load_reward_model
+
+from genalign.config import ConfigError, load_config
+from genalign.data import PreferencePair, load_preference_pairs
+from genalign.eval.reward_eval import eval_reward_main, evaluate_reward, score_main
+from genalign.losses.reward import btt_loss
+from genalign.recipes import recipe_path
+from genalign.trainers.reward import PreloadedPairs, RewardTrainConfig, RewardTrainer, build_reward_model
+from genalign.trainers.reward import main as train_main
+from genalign.world.annotators import (
+    Annotator,
+    _png_bytes,
+    label_video_pairs,
+    write_pickapic_parquet,
+    write_videoalign_csv,
+)
+from genalign.world.grammar import COLORS, DIRECTIONS, SHAPES
+from genalign.world.render import flicker_video, jitter_video, render_image, render_video, to_uint8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def quiet(**kw):
+    return dict(progress_bar=False, report_to="none", num_threads=1, **kw)
+
+
+# ------------------------------------------------------------------------------------------ data
+def pickapic_rows(n: int, seed: int, noise: float) -> list[dict]:
+    """Pairs of one prompt ("red circle"): the render of the prompt against the render of the prompt with another
+    colour (a miscaption), on the same layout; A / B at random. The oracle label is the correct render; the
+    annotators' label is noisy (with probability `noise` one of the two other labels)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        other = rng.choice([c for c in COLORS if c != color])
+        prompt = f"{color} {shape}"
+        good = to_uint8(render_image(prompt, seed * 10_000 + i))
+        bad = to_uint8(render_image(f"{other} {shape}", seed * 10_000 + i))
+        a_wins = rng.random() < 0.5
+        truth = 1.0 if a_wins else 0.0
+        label = truth if rng.random() >= noise else rng.choice([x for x in (1.0, 0.0, 0.5) if x != truth])
+        a, b = (good, bad) if a_wins else (bad, good)
+        rows.append({"caption": prompt, "jpg_0": _png_bytes(a), "jpg_1": _png_bytes(b), "label_0": label,
+                     "label_1": 1.0 - label, "oracle_label": "A" if a_wins else "B"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def pickapic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pickapic")
+    train = write_pickapic_parquet(pickapic_rows(160, seed=1, noise=0.1), root / "train.parquet")
+    heldout = write_pickapic_parquet(pickapic_rows(64, seed=2, noise=0.1), root / "heldout.parquet")
+    return train, heldout
+
+
+@pytest.fixture(scope="module")
+def videoalign(tmp_path_factory):
+    """A tiny VideoAlign CSV labelled by the world's annotators: a clean clip against a flickering (visual
+    quality) or jittering (motion quality) one of the same prompt."""
+    root = tmp_path_factory.mktemp("videoalign")
+    rng = random.Random(0)
+    a, b, prompts = [], [], []
+    for i in range(12):
+        prompt = f"{rng.choice(list(COLORS))} {rng.choice(SHAPES)} moving {rng.choice(DIRECTIONS[:4])}"
+        clean = render_video(prompt, i)
+        flawed = flicker_video(clean, np.random.default_rng(i)) if i % 2 else jitter_video(prompt, i, 2.5)
+        pair = (to_uint8(clean), to_uint8(flawed))
+        if rng.random() < 0.5:
+            pair = pair[::-1]
+        a.append(pair[0])
+        b.append(pair[1])
+        prompts.append(prompt)
+    rows = label_video_pairs(np.stack(a), np.stack(b), prompts, Annotator(noise=0.0), root)
+    return write_videoalign_csv(rows, root / "pairs.csv")
+
+
+# ------------------------------------------------------------------------------------------ pickscore
+@pytest.fixture(scope="module")
+def trained_pickscore(pickapic, tmp_path_factory):
+    train, heldout = pickapic
+    out = tmp_path_factory.mktemp("run") / "pickscore"
+    cfg = RewardTrainConfig(kind="pickscore", model="tiny", data=str(train), eval_data=str(heldout),
+                            output_dir=str(out), max_steps=40, batch_size=16, lr=1e-3, log_every=10,
+                            checkpoint_every=0, normalization_pairs=0, **quiet())
+    trainer = RewardTrainer.from_config(cfg)
+    before = evaluate_reward(trainer.model, str(heldout))["dimensions"]["score"]["accuracy_without_ties"]
+    result = trainer.train()
+    return trainer, result, before
+
+
+def test_pickscore_reward_learns_to_tell_the_right_render_on_heldout_pairs(trained_pickscore):
+    trainer, result, before = trained_pickscore
+    score = trainer.eval_result["dimensions"]["score"]
+    assert result.step == 40 and result.final_model_dir.name == "reward_model"
+    assert abs(before - 0.5) < 0.2  # random init: about chance
+    assert score["accuracy_without_ties"] > 0.8 > score["chance_without_ties"] + 0.25
+    assert score["accuracy_with_ties"] > score["chance_with_ties"] + 0.2
+    # the world's parquet carries the noise-free label: the ceiling is what 10% annotator noise leaves
+    assert 0.85 < score["ceiling_without_ties"] < 1.0
+    report = json.loads((result.output_dir / "eval" / "reward_eval.json").read_text())
+    assert report["dimensions"]["score"]["accuracy_without_ties"] == pytest.approx(score["accuracy_without_ties"])
+    assert (result.output_dir / "eval" / "reward_eval.png").stat().st_size > 1000
+    logged = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged[0]["loss"] > logged[-2]["loss"]  # the last record is the evaluation
+    assert logged[-1]["eval/score/accuracy_without_ties"] == pytest.approx(score["accuracy_without_ties"])
+
+
+def test_saved_reward_model_reloads_and_scores_identically_with_its_normalisation(trained_pickscore, pickapic):
+    trainer, result, _ = trained_pickscore
+    loaded = load_reward_model(result.final_model_dir)
+    stats = loaded.normalization["score"]
+    assert stats != {"mean": 0.0, "std": 1.0} and stats == trainer.model.normalization["score"]
+    pairs = load_preference_pairs(str(pickapic[0]), tie_policy="half")
+    media = [pairs[i].media_a for i in range(len(pairs))] + [pairs[i].media_b for i in range(len(pairs))]
+    prompts = pairs.prompts * 2
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(media, prompts)
+        got = loaded(media, prompts)
+        raw = loaded(media, prompts, normalize=False)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(got, (raw - stats["mean"]) / stats["std"], atol=1e-5)
+    # fitted on the training media (normalization_pairs=0: all of them): about N(0, 1) there
+    assert abs(float(got.mean())) < 1e-4 and abs(float(got.std(unbiased=False)) - 1) < 1e-4
+
+
+def brute_force_accuracies(delta: list[float], labels: list[float]) -> tuple[float, float]:
+    """Accuracy without ties (C / (C + D + T_model) over human-decided pairs) and the best Ties-Matter accuracy
+    over every threshold, written out plainly."""
+    decided = [(d, y) for d, y in zip(delta, labels) if y in (0.0, 1.0)]
+    right = sum((d > 0 and y == 1.0) or (d < 0 and y == 0.0) for d, y in decided)
+    without = right / len(decided)
+    thresholds = [0.0] + [abs(d) + 1e-9 for d in delta]
+    best = 0.0
+    for eps in thresholds:
+        hits = 0
+        for d, y in zip(delta, labels):
+            predicted = 0.5 if abs(d) < eps else (1.0 if d > 0 else 0.0 if d < 0 else None)
+            hits += predicted == y
+        best = max(best, hits / len(delta))
+    return without, best
+
+
+def test_eval_reward_command_matches_accuracies_computed_independently(trained_pickscore, pickapic, tmp_path,
+                                                                       capsys):
+    _, result, _ = trained_pickscore
+    heldout = pickapic[1]
+    assert eval_reward_main(["--model", str(result.final_model_dir), "--data", str(heldout),
+                             "--out", str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr().out
+    assert "score" in printed and "ceil" in printed
+    report = json.loads((tmp_path / "ev" / "reward_eval.json").read_text())["dimensions"]["score"]
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(heldout).to_pydict()
+    model = load_reward_model(result.final_model_dir)
+    from genalign.data.media import decode_image
+
+    with torch.no_grad():
+        sa = model([decode_image(x) for x in table["jpg_0"]], table["caption"])
+        sb = model([decode_image(x) for x in table["jpg_1"]], table["caption"])
+    delta = (sa - sb).tolist()
+    without, with_ties = brute_force_accuracies(delta, table["label_0"])
+    oracle = [{"A": 1.0, "B": -1.0, "same": 0.0}[x] for x in table["oracle_label"]]
+    ceil_without, ceil_with = brute_force_accuracies(oracle, table["label_0"])
+    counts = [table["label_0"].count(v) for v in (1.0, 0.0, 0.5)]
+    assert report["accuracy_without_ties"] == pytest.approx(without)
+    assert report["accuracy_with_ties"] == pytest.approx(with_ties)
+    assert report["ceiling_without_ties"] == pytest.approx(ceil_without)
+    assert report["ceiling_with_ties"] == pytest.approx(ceil_with)
+    assert report["chance_with_ties"] == pytest.approx(max(counts) / len(delta))
+    assert report["pairs_with_ties"] == len(delta) and report["pairs_without_ties"] == counts[0] + counts[1]
+
+
+class BrightnessReward(RewardModel):
+    """A stub reward: 255 x the mean pixel value (hand-made cases with known score differences)."""
+
+    kind = "clip"
+
+    def __init__(self):
+        super().__init__(("score",))
+
+    def _score_pixels(self, pixels, prompts, fps):
+        return {"score": torch.stack([p.float().mean() * 255 for p in pixels])}
+
+
+def test_evaluate_reward_on_a_hand_made_case():
+    # score differences A - B: +40, +10, -30, +2, -5, 0; human labels A, B, B, tie, tie, A
+    values = [(140, 100), (110, 100), (70, 100), (102, 100), (95, 100), (100, 100)]
+    labels = [1.0, 0.0, 0.0, 0.5, 0.5, 1.0]
+    oracle = ["A", "A", "B", "same", "same", "A"]  # wrong on pair 2
+    pairs = [PreferencePair("red circle", np.full((4, 4, 3), va, np.uint8), np.full((4, 4, 3), vb, np.uint8), y,
+                            meta={"oracle_label": o}) for (va, vb), y, o in zip(values, labels, oracle)]
+    m = evaluate_reward(BrightnessReward(), pairs)["dimensions"]["score"]
+    # without ties: decided pairs 1 (C), 2 (D), 3 (C), 6 (model tie) -> 2 / 4
+    assert m["accuracy_without_ties"] == pytest.approx(0.5)
+    assert (m["concordant"], m["discordant"], m["model_ties"]) == (2, 1, 1)
+    # with ties: best threshold between 5 and 10 -> pairs 4, 5 are ties for both, 1 and 3 right: 4 / 6
+    assert m["accuracy_with_ties"] == pytest.approx(4 / 6) and m["epsilon"] == pytest.approx(7.5, abs=1e-4)
+    assert m["chance_without_ties"] == 0.5 and m["chance_with_ties"] == pytest.approx(2 / 6)
+    # the oracle as a model: without ties 3 / 4 (pair 2 wrong); with ties 5 / 6 (its ties on 4 and 5 count)
+    assert m["ceiling_without_ties"] == pytest.approx(0.75) and m["ceiling_with_ties"] == pytest.approx(5 / 6)
+    # data without oracle labels: no ceiling
+    for p in pairs:
+        p.meta = {}
+    assert "ceiling_without_ties" not in evaluate_reward(BrightnessReward(), pairs)["dimensions"]["score"]
+
+
+# ------------------------------------------------------------------------------------------ videoreward
+def test_videoreward_trains_on_a_videoalign_csv_with_per_dimension_labels(videoalign, tmp_path):
+    cfg = RewardTrainConfig(kind="videoreward", model="tiny", data=str(videoalign), output_dir=str(tmp_path / "run"),
+                            max_steps=24, batch_size=4, lr=3e-4, log_every=1, checkpoint_every=0, preload=True,
+                            normalization_pairs=4, lora_rank=0, **quiet())
+    trainer = RewardTrainer.from_config(cfg)
+    full = trainer.collate_fn(list(trainer.train_dataset))  # all 12 pairs, per-dimension labels as read
+    assert set(full["labels"]) == {"VQ", "MQ", "TA"} and full["fps_a"][0] == 8.0
+
+    def dataset_loss():
+        trainer.model.eval()
+        with torch.no_grad():
+            loss, metrics = trainer.compute_loss(full)
+        # the loss is BTT on the per-dimension labels, not on the overall label
+        media = list(full["media_a"]) + list(full["media_b"])
+        raw = trainer.model(media, full["prompt"] * 2, normalize=False)
+        scores = torch.stack([raw[d] for d in ("VQ", "MQ", "TA")], 1)
+        label = torch.stack([full["labels"][d] for d in ("VQ", "MQ", "TA")], 1)
+        expected, _ = btt_loss(scores[:12], scores[12:], label, theta=5.0)
+        overall, _ = btt_loss(scores[:12], scores[12:], full["label"], theta=5.0)
+        assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+        assert abs(float(overall) - float(expected)) > 1e-4
+        return float(loss), metrics
+
+    before, metrics = dataset_loss()
+    assert {"loss/VQ", "loss/MQ", "loss/TA", "accuracy/VQ"} <= set(metrics)
+    result = trainer.train()
+    after, _ = dataset_loss()
+    assert after < before - 0.1
+    # saved with its training fps and frame count; scores reload identically
+    loaded = load_reward_model(result.final_model_dir)
+    assert loaded.training_fps == 8.0 and loaded.config.num_frames == 8
+    trainer.model.eval()
+    with torch.no_grad():
+        a = trainer.model(list(full["media_a"][:3]), full["prompt"][:3])
+        b = loaded(list(full["media_a"][:3]), full["prompt"][:3])
+    for d in ("VQ", "MQ", "TA", "Overall"):
+        assert torch.allclose(a[d], b[d], atol=1e-5)
+    # per-dimension evaluation with the oracle columns of the CSV as ceiling (noise-free annotators: 100%)
+    report = evaluate_reward(loaded, str(videoalign))["dimensions"]
+    assert set(report) == {"VQ", "MQ", "TA", "Overall"}
+    assert report["MQ"]["ceiling_with_ties"] == 1.0 and report["Overall"]["label"] == "overall"
+
+
+def test_zero_weight_dimensions_are_left_out_of_the_loss(videoalign, tmp_path):
+    cfg = RewardTrainConfig(kind="videoreward", model="tiny", data=str(videoalign), output_dir=str(tmp_path / "r"),
+                            max_steps=1, batch_size=4, dims={"VQ": 1, "MQ": 1, "TA": 0}, **quiet())
+    trainer = RewardTrainer.from_config(cfg)
+    batch = trainer.collate_fn([trainer.train_dataset[i] for i in range(4)])
+    assert torch.isnan(batch["labels"]["TA"]).all() and not torch.isnan(batch["labels"]["VQ"]).any()
+    _, metrics = trainer.compute_loss(batch)
+    assert math.isnan(float(metrics["loss/TA"])) and not math.isnan(float(metrics["loss/VQ"]))
+
+
+# ------------------------------------------------------------------------------------------ resume
+@pytest.mark.parametrize("kind", ["pickscore", "videoreward"])
+def test_reward_trainer_resume_is_exact(kind, pickapic, videoalign, tmp_path):
+    data = str(pickapic[0]) if kind == "pickscore" else str(videoalign)
+    common = dict(kind=kind, model="tiny", data=data, max_steps=6, batch_size=4, lr=1e-3, lr_scheduler="cosine",
+                  checkpoint_every=3, normalization_pairs=4, weight_decay=0.01, **quiet())
+    # the pairs are read once (MP4 decoding is the slow part here); each trainer builds its model from the config
+    pairs = load_preference_pairs(data, tie_policy="half")
+    if kind == "videoreward":
+        pairs = PreloadedPairs(pairs)
+
+    def trainer(output_dir, **kw):
+        cfg = RewardTrainConfig(output_dir=str(tmp_path / output_dir), **common, **kw)
+        return RewardTrainer(build_reward_model(cfg), cfg, pairs)
+
+    straight = trainer("a")
+    straight.train()
+    first = trainer("b")
+    assert first.train(stop_at_step=3).step == 3
+    resumed = trainer("b", resume="latest")
+    assert resumed.train().step == 6
+    a, b = dict(straight.named_trainable), dict(resumed.named_trainable)
+    assert a.keys() == b.keys() and len(a) > 0
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------ commands
+def test_score_command_prints_a_table_and_writes_json(trained_pickscore, tmp_path, capsys):
+    from genalign.media import save_png
+
+    _, result, _ = trained_pickscore
+    folder = tmp_path / "imgs"
+    images = [to_uint8(render_image(p, 0)) for p in ("red circle", "blue circle", "green square")]
+    for i, im in enumerate(images):
+        save_png(folder / f"{i}.png", im)
+    out = tmp_path / "scores.json"
+    assert score_main([str(folder), "--prompt", "red circle", "--model", str(result.final_model_dir),
+                       "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"{i}.png" in printed for i in range(3)) and "normalised" in printed
+    rows = json.loads(out.read_text())["scores"]
+    model = load_reward_model(result.final_model_dir)
+    with torch.no_grad():
+        expected = model(images, "red circle")
+    assert [r["score"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def one_error_line(capsys, prog: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith(prog)]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_score_and_eval_reward_errors_are_one_line_naming_the_file(trained_pickscore, videoalign, pickapic,
+                                                                   tmp_path, capsys):
+    from genalign.media import save_png
+
+    _, result, _ = trained_pickscore
+    model_dir = str(result.final_model_dir)
+    good = save_png(tmp_path / "good.png", to_uint8(render_image("red circle", 0)))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+
+    assert score_main([str(good), str(broken), "--prompt", "red circle", "--model", model_dir]) == 2
+    assert "broken.png" in one_error_line(capsys, "genalign score")
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red circle\nblue square\ngreen cross\n")
+    assert score_main([str(good), str(good), "--prompts", str(prompts), "--model", model_dir]) == 2
+    line = one_error_line(capsys, "genalign score")
+    assert "2 media files but 3 prompts" in line and "prompts.txt" in line
+
+    assert score_main([str(good), "--prompt", "red circle", "--model", model_dir, "--kind", "videoreward"]) == 2
+    line = one_error_line(capsys, "genalign score")
+    assert model_dir in line and "'clip'" in line
+
+    not_a_reward = tmp_path / "lora"
+    not_a_reward.mkdir()
+    (not_a_reward / "weights.safetensors").write_bytes(b"")
+    assert score_main([str(good), "--prompt", "red circle", "--model", str(not_a_reward)]) == 2
+    assert str(not_a_reward) in one_error_line(capsys, "genalign score")
+
+    assert eval_reward_main(["--model", model_dir, "--data", str(tmp_path / "missing.parquet"),
+                             "--out", str(tmp_path / "ev")]) == 2
+    assert "missing.parquet" in one_error_line(capsys, "genalign eval-reward")
+
+    # training a kind from a reward folder of another kind
+    assert train_main(["--kind", "videoreward", f"data={videoalign}", f"model={model_dir}",
+                       f"output_dir={tmp_path / 'x'}", "progress_bar=false", "report_to=none"]) == 2
+    line = one_error_line(capsys, "genalign train reward")
+    assert model_dir in line and "video_reward" in line
+
+
+def test_recipes_load_and_bad_keys_are_named():
+    for kind in ("pickscore", "videoreward"):
+        cfg = load_config(RewardTrainConfig, recipe_path(f"reward_{kind}_world"), ["data=pairs"])
+        assert cfg.kind == kind and cfg.tie_policy == "half" and cfg.model == "world"
+    assert load_config(RewardTrainConfig, recipe_path("reward_videoreward_world"), ["data=x"]).loss == "btt"
+    with pytest.raises(ConfigError, match="loss"):
+        RewardTrainConfig(kind="pickscore", loss="btt")
+    with pytest.raises(ConfigError, match="lora_rank"):
+        RewardTrainConfig(kind="pickscore", lora_rank=8)
+    with pytest.raises(ConfigError, match="theta"):
+        RewardTrainConfig(kind="videoreward", theta=1.0)
+    with pytest.raises(ConfigError, match="tie_polcy"):
+        load_config(RewardTrainConfig, None, ["tie_polcy=half"])
