@@ -131,6 +131,9 @@ def _print_summary(s: dict) -> None:
             print(f"  {d:7s} {s[d]['mean']:.3f}  [95% CI {s[d]['lo']:.3f}, {s[d]['hi']:.3f}]")
     for t, v in s["TA_by_template"].items():
         print(f"  TA/{t:9s} {v['mean']:.3f}  (n={v['n']})")
+    for k, v in s.get("TA_parts", {}).items():
+        if v["n"]:
+            print(f"  {k:12s} {v['mean']:.3f}  (n={v['n']})")
     print(f"  diversity {s['diversity']:.4f}")
 
 

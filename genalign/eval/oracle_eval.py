@@ -34,11 +34,16 @@ def diversity(samples: np.ndarray, prompts: list[str]) -> float:
     return float(np.mean(per_prompt)) if per_prompt else math.nan
 
 
+# What TA is made of, where the oracle reports it (single-object images; videos): accuracy of each attribute.
+TA_PARTS = ("color_ok", "shape_ok", "direction_ok")
+
+
 def judge_samples(samples: np.ndarray, prompts: list[str], progress: bool = True) -> list[dict]:
     rows = []
     for s, p in tqdm(list(zip(samples, prompts)), desc="oracle", disable=not progress, mininterval=2):
         j = judge(s, p)
-        rows.append({"prompt": p, **j.as_dict(), "strict": j.details.get("strict", math.nan)})
+        parts = {k: j.details[k] for k in TA_PARTS if k in j.details}
+        rows.append({"prompt": p, **j.as_dict(), "strict": j.details.get("strict", math.nan), **parts})
     return rows
 
 
@@ -55,6 +60,7 @@ def summarize(rows: list[dict], samples: np.ndarray) -> dict:
         t: mean_ci(per_prompt_means([prompts[i] for i in idx], [rows[i]["TA"] for i in idx]).values())
         for t, idx in sorted(by_template.items())
     }
+    out["TA_parts"] = {k: mean_ci([r[k] for r in rows if k in r]) for k in TA_PARTS if any(k in r for r in rows)}
     out["diversity"] = diversity(samples, prompts)
     out["per_prompt"] = {d: per_prompt_means(prompts, [r[d] for r in rows]) for d in dims + ["strict"]}
     return out

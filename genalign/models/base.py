@@ -9,8 +9,8 @@ this interface, so each of them is written once for SD3, FLUX, Wan and UNet mode
 from __future__ import annotations
 
 import contextlib
-import importlib
 import copy
+import importlib
 import inspect
 import os
 from dataclasses import dataclass
