@@ -171,7 +171,7 @@ def cmd_world_pairs(args) -> int:
     return 0
 
 
-TRAINERS = {"flow-dpo": "genalign.trainers.flow_dpo"}
+TRAINERS = {"flow-dpo": "genalign.trainers.flow_dpo", "reward": "genalign.trainers.reward"}
 
 
 def cmd_train(args) -> int:
@@ -241,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--config RECIPE, --resume latest, --help-config, key=value overrides (see --help)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("score", help="score images/videos with a reward model (files or folders + prompts)")
+    p.add_argument("score_args", nargs=argparse.REMAINDER, help="see `genalign score -h`")  # main() delegates
+
+    p = sub.add_parser("eval-reward", help="reward-model accuracy with and without ties on held-out pairs")
+    p.add_argument("eval_reward_args", nargs=argparse.REMAINDER, help="see `genalign eval-reward -h`")
+
     p = sub.add_parser("quickstart", help="the main job on the built-in world: sample, label pairs, Flow-DPO, "
                                           "evaluate base vs aligned, write a report (about 10 min on 2 CPU cores)")
     p.add_argument("--out", default="runs/quickstart")
@@ -305,7 +311,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+# Commands whose module owns its whole argument parser (so `genalign score --help` shows score's own help).
+DELEGATED = {"score": ("genalign.eval.reward_eval", "score_main"),
+             "eval-reward": ("genalign.eval.reward_eval", "eval_reward_main")}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        module, func = DELEGATED[argv[0]]
+        return getattr(importlib.import_module(module), func)(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

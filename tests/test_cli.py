@@ -23,7 +23,8 @@ def genalign(*args, check=True, cwd=None):
 
 
 @pytest.mark.parametrize("cmd", [[], ["sample"], ["eval"], ["cache"], ["world"], ["world", "build"], ["world", "pairs"],
-                                 ["train"], ["train", "flow-dpo"], ["quickstart"]])
+                                 ["train"], ["train", "flow-dpo"], ["train", "reward"], ["quickstart"], ["score"],
+                                 ["eval-reward"]])
 def test_every_command_has_help(cmd):
     out = genalign(*cmd, "--help")
     assert "usage: genalign" in out.stdout and "-h, --help" in out.stdout

@@ -20,18 +20,6 @@ from diffusers import (
     StableDiffusionXLPipeline,
     WanPipeline,
 )
-
-from genalign.guidance import (
-    BASE,
-    GuidanceError,
-    LatentRewardConfig,
-    LatentRewardModel,
-    NRGSettings,
-    latent_space_id,
-    nrg_correction,
-)
-from genalign.guidance.lora import adapter_state
-from genalign.models import FluxAdapter, LoraSpec, SD3Adapter, UNetAdapter, WanAdapter, load_adapter, tiny
 from genalign.pipelines import (
     RLGFluxPipeline,
     RLGStableDiffusion3Pipeline,
@@ -40,6 +28,16 @@ from genalign.pipelines import (
     RLGWanPipeline,
     guided_pipeline_class,
 )
+
+from genalign.guidance import (
+    BASE,
+    GuidanceError,
+    LatentRewardConfig,
+    LatentRewardModel,
+    latent_space_id,
+)
+from genalign.guidance.lora import adapter_state
+from genalign.models import FluxAdapter, LoraSpec, SD3Adapter, UNetAdapter, WanAdapter, load_adapter, tiny
 from genalign.sampling import cfg_velocity
 
 PROMPTS = ["red circle", "two blue squares"]

@@ -386,3 +386,32 @@ def test_recipes_load_and_bad_keys_are_named():
         RewardTrainConfig(kind="videoreward", theta=1.0)
     with pytest.raises(ConfigError, match="tie_polcy"):
         load_config(RewardTrainConfig, None, ["tie_polcy=half"])
+
+
+def test_videoreward_from_a_qwen2vl_folder_uses_lora_or_saves_the_fully_trained_backbone(tmp_path):
+    from genalign.rewards import build_tiny_qwen2vl_tokenizer, tiny_qwen2vl_backbone
+
+    base = tmp_path / "qwen2vl"
+    tokenizer = build_tiny_qwen2vl_tokenizer()
+    tiny_qwen2vl_backbone(tokenizer, seed=0).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    video = [to_uint8(render_video("red circle moving left", 0))]
+
+    lora = build_reward_model(RewardTrainConfig(kind="videoreward", model=str(base), train_vision=False))
+    assert lora.uses_lora and lora.config.lora_rank == 16 and lora.config.base_model_path == str(base.resolve())
+    trained = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or n.startswith("head.") for n in trained)
+    lora.save_pretrained(tmp_path / "lora_reward")
+    assert not (tmp_path / "lora_reward" / "backbone").exists()  # refers to the base folder instead
+
+    full = build_reward_model(RewardTrainConfig(kind="videoreward", model=str(base), lora_rank=0))
+    assert not full.uses_lora
+    with torch.no_grad():  # stands for training: the language model's own weights change
+        full.base_model.language_model.layers[0].mlp.down_proj.weight.add_(0.05)
+    full.save_pretrained(tmp_path / "full_reward")  # without LoRA the backbone must be saved, base path or not
+    assert (tmp_path / "full_reward" / "backbone").is_dir()
+    full.eval()
+    with torch.no_grad():
+        expected = full(video, "red circle moving left")["Overall"]
+        got = load_reward_model(tmp_path / "full_reward")(video, "red circle moving left")["Overall"]
+    assert torch.allclose(got, expected, atol=1e-5)

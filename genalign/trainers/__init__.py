@@ -17,6 +17,7 @@ from .loop import (
     list_checkpoints,
     verify_checkpoint,
 )
+from .reward import RewardTrainConfig, RewardTrainer
 
 __all__ = [
     "CheckpointError",
@@ -24,6 +25,8 @@ __all__ = [
     "FlowDPOTrainer",
     "NonFiniteLossError",
     "PreferenceCollator",
+    "RewardTrainConfig",
+    "RewardTrainer",
     "TrainConfig",
     "TrainResult",
     "Trainer",
