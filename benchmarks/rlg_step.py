@@ -6,8 +6,10 @@ Variants, all on the same SD3 transformer with one trained-looking LoRA ("dpo", 
     b_genalign_cfg      genalign's sampler step: cfg_velocity over SD3Adapter.velocity + scheduler step
     c_public_rlg        the public RLG method: two sequential CFG-batched calls per step, LoRA toggled with
                         disable_adapters()/enable_adapters(), then v_base + w (v_ft - v_base)
-    d_genalign_rlg      RLGStableDiffusion3Pipeline(rlg_scale=w): base + fine-tuned in ONE peft mixed-adapter batch
-    d2_genalign_rlg_seq the same with rlg_mixed_batch=False (sequential passes; the public method's arithmetic)
+    d_genalign_rlg      RLGStableDiffusion3Pipeline(rlg_scale=w, rlg_mixed_batch=True): base + fine-tuned in ONE
+                        peft mixed-adapter batch
+    d2_genalign_rlg_seq the same with rlg_mixed_batch=False (sequential passes; the public method's arithmetic).
+                        The default "auto" picks d or d2 by latent size on CUDA (genalign.guidance.denoiser).
     e_nrg               RLGStableDiffusion3Pipeline with Flow-NRG: a latent reward whose trunk is the first k blocks
                         of the transformer; its gradient w.r.t. x_t every step
     e2_rlg_nrg          RLG (mixed) and NRG together
@@ -36,13 +38,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SMALL = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=6, attention_head_dim=32, num_attention_heads=4,
-             joint_attention_dim=128, caption_projection_dim=128, pooled_projection_dim=64, out_channels=16,
-             pos_embed_max_size=64)
-SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, qk_norm="rms_norm",
-                   dual_attention_layers=tuple(range(13)))
+SMALL = {"sample_size": 32, "patch_size": 2, "in_channels": 16, "num_layers": 6, "attention_head_dim": 32,
+         "num_attention_heads": 4, "joint_attention_dim": 128, "caption_projection_dim": 128,
+         "pooled_projection_dim": 64, "out_channels": 16, "pos_embed_max_size": 64}
+SD35_MEDIUM = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
+               "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+               "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 384, "qk_norm": "rms_norm",
+               "dual_attention_layers": tuple(range(13))}  # GPU.md
 
 
 def sync(device):
@@ -54,9 +56,9 @@ def build(cfg: dict, device, dtype, text_tokens: int, vae_factor: int, lora_rank
     """An RLGStableDiffusion3Pipeline without text encoders (embeddings are passed in), a tiny VAE only for its
     scale factor (outputs stay latents), and a LoRA with random B."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from genalign.pipelines import RLGStableDiffusion3Pipeline
 
     from genalign.models import LoraSpec, SD3Adapter
-    from genalign.pipelines import RLGStableDiffusion3Pipeline
 
     torch.manual_seed(seed)
     with torch.device(device):  # random init directly on the device (a 2.2 B model inits slowly on the CPU)
@@ -77,7 +79,9 @@ def build(cfg: dict, device, dtype, text_tokens: int, vae_factor: int, lora_rank
             p.data.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p))
     transformer.eval()
     g = torch.Generator().manual_seed(seed + 2)
-    emb = lambda *s: (torch.randn(*s, generator=g) * 0.5).to(device, dtype)  # noqa: E731
+    def emb(*shape):
+        return (torch.randn(*shape, generator=g) * 0.5).to(device, dtype)
+
     embeds = {"prompt_embeds": emb(1, text_tokens, cfg["joint_attention_dim"]),
               "pooled_prompt_embeds": emb(1, cfg["pooled_projection_dim"]),
               "negative_prompt_embeds": emb(1, text_tokens, cfg["joint_attention_dim"]),
@@ -176,7 +180,7 @@ def check_rlg_agrees(pipe, adapter, embeds, px, device, dtype, guidance, w) -> f
     # the pipelines' per-call wrapper on the same CFG call (RLG commutes with CFG)
     from genalign.guidance import GuidedDenoiser, RLGPlan, denoiser_spec
 
-    plan = RLGPlan.build([pipe.transformer], scale=w)
+    plan = RLGPlan.build([pipe.transformer], scale=w, mixed_batch=True)
     guided = GuidedDenoiser([pipe.transformer], denoiser_spec(adapter), rlg=plan)
     with guided.installed():
         out = pipe.transformer(hidden_states=torch.cat([x, x]), timestep=ts.expand(2), return_dict=False,
@@ -208,13 +212,14 @@ def bench(built, device, dtype, px: int, steps: int, rounds: int, guidance: floa
         "a_stock_cfg": lambda: time_pipeline(stock, embeds, px, steps, device, guidance),
         "b_genalign_cfg": lambda: time_genalign_cfg(pipe, adapter, embeds, px, steps, device, dtype, guidance),
         "c_public_rlg": lambda: time_public_rlg(pipe, adapter, embeds, px, steps, device, dtype, guidance, w),
-        "d_genalign_rlg": lambda: time_pipeline(pipe, embeds, px, steps, device, guidance, rlg_scale=w),
+        "d_genalign_rlg": lambda: time_pipeline(pipe, embeds, px, steps, device, guidance, rlg_scale=w,
+                                                rlg_mixed_batch=True),
         "d2_genalign_rlg_seq": lambda: time_pipeline(pipe, embeds, px, steps, device, guidance, rlg_scale=w,
                                                      rlg_mixed_batch=False),
         "e_nrg": lambda: time_pipeline(pipe, embeds, px, steps, device, guidance, nrg_reward_model=reward,
                                        nrg_weights={"VQ": 0.5, "MQ": 0.5, "TA": 0.0}, nrg_scale=1.0),
         "e2_rlg_nrg": lambda: time_pipeline(pipe, embeds, px, steps, device, guidance, rlg_scale=w,
-                                            nrg_reward_model=reward, nrg_scale=1.0),
+                                            rlg_mixed_batch=True, nrg_reward_model=reward, nrg_scale=1.0),
     }
     for fn in variants.values():  # warm-up (kernels, allocator)
         fn()
@@ -233,16 +238,16 @@ def bench(built, device, dtype, px: int, steps: int, rounds: int, guidance: floa
     }
     if device.type == "cuda":
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    del reward
     return result
 
 
 def check_offload() -> dict:
     """enable_model_cpu_offload keeps working with RLG and NRG (accelerate's hooks wrap the denoiser; genalign's
     per-call wrapper goes on top): offloaded output == on-device output, tiny SD3 pipeline, CUDA only."""
+    from genalign.pipelines import RLGStableDiffusion3Pipeline
+
     from genalign.guidance import LatentRewardConfig, LatentRewardModel, latent_space_id
     from genalign.models import LoraSpec, SD3Adapter, tiny
-    from genalign.pipelines import RLGStableDiffusion3Pipeline
 
     def make():
         pipe = RLGStableDiffusion3Pipeline.from_pipe(tiny.tiny_sd3_pipeline())
@@ -258,8 +263,9 @@ def check_offload() -> dict:
                                                       hidden=16, depth=2, cond_dim=64)).eval()
         return pipe, reward
 
-    kw = dict(prompt=["red circle", "two blue squares"], height=32, width=32, num_inference_steps=3,
-              guidance_scale=2.5, max_sequence_length=16, output_type="latent", rlg_scale=1.6, nrg_scale=2.0)
+    kw = {"prompt": ["red circle", "two blue squares"], "height": 32, "width": 32, "num_inference_steps": 3,
+          "guidance_scale": 2.5, "max_sequence_length": 16, "output_type": "latent", "rlg_scale": 1.6,
+          "nrg_scale": 2.0}
     pipe, reward = make()
     pipe.to("cuda")
     ref = pipe(generator=torch.Generator().manual_seed(0), nrg_reward_model=reward.cuda(), **kw).images
@@ -300,22 +306,24 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     pipe, adapter, embeds = build(cfg, device, dtype, tokens, vae_factor, lora_rank=16 if args.gpu else 8)
-    stock = StableDiffusion3Pipeline.from_pipe(pipe)
+    # from_pipe casts the SHARED components to float32 unless given the dtype (diffusers behaviour)
+    stock = StableDiffusion3Pipeline.from_pipe(pipe, torch_dtype=dtype)
     stock.set_progress_bar_config(disable=True)
+    assert all(p.dtype == dtype for n, p in pipe.transformer.named_parameters() if "lora_" not in n)
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     print(f"built {n_params / 1e9:.3f} B params in {time.perf_counter() - t0:.1f} s", flush=True)
-    extra = {}
-    if args.check_offload:
-        try:
-            extra = check_offload()
-        except Exception as e:  # report, and still time
-            extra = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        print("offload check:", json.dumps(extra), flush=True)
     results = []
     for px in pxs:
         r = bench((pipe, adapter, embeds, stock), device, dtype, px, steps, rounds, args.guidance, args.w, blocks)
         results.append(r)
         print(json.dumps(r), flush=True)
+    extra = {}
+    if args.check_offload:
+        try:
+            extra = check_offload()
+        except Exception as e:  # noqa: BLE001 - reported in the JSON; the timings stand on their own
+            extra = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        print("offload check:", json.dumps(extra), flush=True)
     meta = {"device": torch.cuda.get_device_name() if args.gpu else "cpu", "threads": args.threads,
             "dtype": str(dtype), "torch": torch.__version__, "config": {k: list(v) if isinstance(v, tuple) else v
                                                                           for k, v in cfg.items()},

@@ -6,6 +6,9 @@
 Subclasses of the concrete diffusers pipelines: from_pretrained, from_pipe, load_lora_weights, offloading,
 output_type, return_dict and callbacks work as in the stock class; with no guidance argument the call IS the stock
 call. Guidance arguments: see `genalign.pipelines.guided`. Importing this package imports diffusers lazily.
+
+Note: diffusers' `from_pipe` casts the SHARED components to float32 unless given a dtype; for a bf16 pipeline use
+`RLGStableDiffusion3Pipeline.from_pipe(pipe, torch_dtype=torch.bfloat16)` (or `guided_pipeline_class(pipe)`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ _CLASSES = {
     "GuidedPipelineMixin": "guided",
 }
 
-__all__ = [*_CLASSES, "guided_pipeline_class"]
+__all__ = [
+    "GuidedPipelineMixin",
+    "RLGFluxPipeline",
+    "RLGStableDiffusion3Pipeline",
+    "RLGStableDiffusionPipeline",
+    "RLGStableDiffusionXLPipeline",
+    "RLGWanPipeline",
+    "guided_pipeline_class",
+]
 
 
 def __getattr__(name):

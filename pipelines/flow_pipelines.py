@@ -27,7 +27,7 @@ class RLGStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeline)
 
     _genalign_adapter_cls = SD3Adapter
     _stock_class = StableDiffusion3Pipeline
-    _callback_tensor_inputs = [*StableDiffusion3Pipeline._callback_tensor_inputs, "noise_pred"]
+    _callback_tensor_inputs = [*StableDiffusion3Pipeline._callback_tensor_inputs, "noise_pred"]  # noqa: RUF012 - a list, as diffusers
 
     def _encode_for_reward(self, p):
         embeds, _, pooled, _ = self.encode_prompt(
@@ -45,7 +45,7 @@ class RLGFluxPipeline(GuidedPipelineMixin, FluxPipeline):
 
     _genalign_adapter_cls = FluxAdapter
     _stock_class = FluxPipeline
-    _callback_tensor_inputs = [*FluxPipeline._callback_tensor_inputs, "noise_pred"]
+    _callback_tensor_inputs = [*FluxPipeline._callback_tensor_inputs, "noise_pred"]  # noqa: RUF012 - a list, as diffusers
 
     def _encode_for_reward(self, p):
         embeds, pooled, _ = self.encode_prompt(
@@ -65,7 +65,7 @@ class RLGWanPipeline(GuidedPipelineMixin, WanPipeline):
     _genalign_adapter_cls = WanAdapter
     _stock_class = WanPipeline
     _guidance_modules = ("transformer", "transformer_2")
-    _callback_tensor_inputs = [*WanPipeline._callback_tensor_inputs, "noise_pred"]
+    _callback_tensor_inputs = [*WanPipeline._callback_tensor_inputs, "noise_pred"]  # noqa: RUF012 - a list, as diffusers
 
     def _latent_shape(self, adapter, params):
         return tuple(adapter.latent_shape(params["height"], params["width"], params["num_frames"]))

@@ -21,7 +21,9 @@ Arguments (all optional; none given = the stock pipeline):
 - rlg_window: (t_start, t_stop) in flow time [0, 1] (1 = noise; for SD/SDXL the noise level mapped to flow
   time). Outside it the fine-tuned model is used (weights rescaled to sum to 1). Default: whole trajectory.
 - rlg_mixed_batch: "auto" (default: one forward over base + experts with peft's mixed-adapter batch when
-  possible, else sequential passes), True (require it), False (sequential).
+  possible and, on CUDA, when the latents are small enough for it to be faster (measured: faster at 512 px,
+  slower at 1024 px on an SD3.5-medium-sized model), else sequential passes), True (always mixed when
+  possible, error otherwise), False (sequential).
 - rlg_reference: a base denoiser module of the same class, for fully fine-tuned (non-LoRA) models.
 - nrg_reward_model: a noise-aware latent reward model (`genalign.guidance.LatentRewardModel` or any object with
   its interface) for Flow-NRG; flow pipelines only (SD3, FLUX, Wan).
@@ -74,7 +76,7 @@ class GuidedPipelineMixin:
             return super().__call__(*args, **kwargs)
         with guided.installed():
             out = super().__call__(*args, **kwargs)
-        self.last_guidance_stats = dict(guided.stats, mixed_batch=bool(guided.rlg and guided.rlg.mixed))
+        self.last_guidance_stats = dict(guided.stats, mixed_batch=guided.stats["mixed_forwards"] > 0)
         return out
 
     # ------------------------------------------------------------------------------------------ validation

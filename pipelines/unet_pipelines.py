@@ -21,7 +21,7 @@ class RLGStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline):
     _stock_class = StableDiffusionPipeline
     _nrg_supported = False
     _guidance_modules = ("unet",)
-    _callback_tensor_inputs = [*StableDiffusionPipeline._callback_tensor_inputs, "noise_pred"]
+    _callback_tensor_inputs = [*StableDiffusionPipeline._callback_tensor_inputs, "noise_pred"]  # noqa: RUF012 - a list, as diffusers
 
 
 class RLGStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipeline):
@@ -31,4 +31,4 @@ class RLGStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipelin
     _stock_class = StableDiffusionXLPipeline
     _nrg_supported = False
     _guidance_modules = ("unet",)
-    _callback_tensor_inputs = [*StableDiffusionXLPipeline._callback_tensor_inputs, "noise_pred"]
+    _callback_tensor_inputs = [*StableDiffusionXLPipeline._callback_tensor_inputs, "noise_pred"]  # noqa: RUF012 - a list, as diffusers

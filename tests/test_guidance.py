@@ -260,7 +260,7 @@ def test_rlg_combiner_multi_expert_formula_zero_skips_and_both_paths(sd3_two_lor
 def test_rlg_combiner_drives_sample_latents(sd3_two_loras):
     ad = sd3_two_loras
     noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
-    kw = dict(num_steps=2, guidance_scale=2.0, latents=noise)
+    kw = {"num_steps": 2, "guidance_scale": 2.0, "latents": noise}
     ft = sample_latents(ad, PROMPTS, **kw)  # "a" active
     with ad.lora_disabled():
         base = sample_latents(ad, PROMPTS, **kw)
@@ -354,3 +354,46 @@ def test_pair_loss_noises_both_items_with_the_same_t_and_noise():
     assert float(tie) == pytest.approx(-math.log(24 / 36), rel=1e-5)
     bt, _ = pair_loss(spy, x_a, x_b, {"VQ": torch.ones(3), "TA": torch.zeros(3)}, loss="bt")
     assert torch.isfinite(bt)
+
+
+def test_auto_mixed_batch_is_chosen_by_size_on_cuda_only(sd3_two_loras):
+    plan = RLGPlan.build([sd3_two_loras.denoiser], experts={"a": 1.5})
+    assert plan.mixed and plan.auto
+
+    class Sample:  # what use_mixed reads of the denoiser's input
+        def __init__(self, per_sample: int, is_cuda: bool):
+            self.is_cuda, self._n = is_cuda, per_sample
+
+        def __getitem__(self, i):
+            return torch.empty(self._n)
+
+    from genalign.guidance.denoiser import MIXED_BATCH_AUTO_MAX_ELEMENTS as limit
+
+    assert plan.use_mixed(Sample(16 * 64 * 64, True))  # SD3 512 px: measured faster mixed
+    assert not plan.use_mixed(Sample(16 * 128 * 128, True))  # 1024 px: measured faster sequential
+    assert plan.use_mixed(Sample(4 * limit, False))  # CPU: always mixed
+    forced = RLGPlan.build([sd3_two_loras.denoiser], experts={"a": 1.5}, mixed_batch=True)
+    assert forced.use_mixed(Sample(16 * 128 * 128, True))
+    assert not RLGPlan.build([sd3_two_loras.denoiser], experts={"a": 1.5}, mixed_batch=False).use_mixed(
+        Sample(10, False))
+
+
+def test_nrg_combiner_adds_the_correction_and_refuses_other_latents(sd3_adapter):
+    from genalign.guidance import nrg_combiner
+
+    ad = sd3_adapter
+    shape = ad.latent_shape(32, 32)
+    torch.manual_seed(0)
+    reward = LatentRewardModel(LatentRewardConfig(latent_space=latent_space_id(ad), latent_shape=shape, hidden=8,
+                                                  depth=1, cond_dim=64)).eval()
+    x, t = torch.randn(2, *shape), torch.full((2,), 0.4)
+    cond, uncond = ad.encode_prompt(PROMPTS), ad.encode_prompt(["", ""])
+    comb = nrg_combiner(ad, reward, guidance_scale=2.0, weights={"TA": 1.0}, scale=1.5)
+    with torch.no_grad():
+        got = comb(x, t, cond, uncond)
+        v = cfg_velocity(ad, x, t, cond, uncond, 2.0)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(reward(xg, t, cond)["TA"].sum(), xg)
+    assert maxdiff(got, v - 1.5 * (0.4 / 0.6) * grad) < 1e-5
+    with pytest.raises(GuidanceError, match="shape"):
+        nrg_combiner(ad, reward, guidance_scale=2.0)(torch.randn(2, 4, 8, 8), t, cond, uncond)

@@ -303,9 +303,11 @@ class Spy:
     def __init__(self, pipe):
         den = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
         self.calls = 0
-        hook = lambda *a: setattr(self, "calls", self.calls + 1)  # noqa: E731
-        den.register_forward_pre_hook(hook)
-        pipe.text_encoder.register_forward_pre_hook(hook)
+        den.register_forward_pre_hook(self.hook)
+        pipe.text_encoder.register_forward_pre_hook(self.hook)
+
+    def hook(self, *args):
+        self.calls += 1
 
 
 @pytest.mark.parametrize("kwargs, match", [

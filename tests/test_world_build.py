@@ -69,3 +69,29 @@ def test_built_video_model_loads_and_samples_clips(built):
                          generator=torch.Generator().manual_seed(0))
     clip = latents_to_uint8(adapter, lat)
     assert clip.shape == (1, 8, 32, 32, 3) and clip.dtype == np.uint8
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_shipped_models_come_from_this_build_code(kind):
+    """The frozen random-init text encoders of the shipped models are exactly what `genalign world build` creates
+    (same seed), so the shipped folders and the build script cannot drift apart unnoticed."""
+    from safetensors.torch import load_file
+
+    from genalign.world import world_model_path
+    from genalign.world.build import BuildConfig, image_pipeline, small_vae
+    from genalign.world.video import video_pipeline
+
+    seed = BuildConfig().seed
+    built = image_pipeline(seed) if kind == "image" else video_pipeline(seed, vae=small_vae(seed))
+    shipped_dir = world_model_path(kind)
+    encoders = ["text_encoder", "text_encoder_2"] if kind == "image" else ["text_encoder"]
+    for name in encoders:
+        shipped = load_file(next((shipped_dir / name).glob("*.safetensors")))
+        fresh = getattr(built, name).state_dict()
+        common = set(shipped) & set(fresh)
+        assert len(common) >= len(shipped) - 1 > 0
+        for key in common:
+            assert torch.equal(shipped[key].float(), fresh[key].float()), (name, key)
+    cfg = json.loads((shipped_dir / "transformer" / "config.json").read_text())
+    assert {k: cfg[k] for k in ("num_layers", "patch_size")} == {
+        k: built.transformer.config[k] for k in ("num_layers", "patch_size")}
