@@ -1,0 +1,51 @@
+"""Typed configs: YAML + key=value overrides, conversions, and errors that name the key."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from genalign.config import ConfigError, from_dict, load_config, save_config
+
+
+@dataclass
+class Example:
+    steps: int = 10
+    lr: float = 1e-4
+    name: str = "run"
+    flag: bool = False
+    targets: tuple[str, ...] | None = None
+    limit: int | None = None
+    weights: dict | None = None
+
+
+def test_overrides_are_converted_to_the_field_types():
+    cfg = from_dict(Example, {"steps": "20", "lr": "3e-4", "flag": "true", "targets": "to_q,to_k",
+                              "limit": "none", "weights": '{"TA": 1.0}'})
+    assert cfg.steps == 20 and cfg.lr == 3e-4 and cfg.flag is True
+    assert cfg.targets == ("to_q", "to_k")  # PEP 604 optional tuple: split, not kept as one string
+    assert cfg.limit is None and cfg.weights == {"TA": 1.0}
+    assert from_dict(Example, {"limit": "7"}).limit == 7
+
+
+def test_unknown_key_names_it_and_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'stepz'; did you mean steps"):
+        from_dict(Example, {"stepz": 3})
+
+
+@pytest.mark.parametrize("key, value", [("steps", "many"), ("flag", "maybe"), ("weights", "{not json")])
+def test_bad_values_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=key):
+        from_dict(Example, {key: value})
+
+
+def test_yaml_then_overrides_and_round_trip(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps: 5\nname: base\ntargets: [a, b]\n")
+    cfg = load_config(Example, recipe, ["name=override"])
+    assert (cfg.steps, cfg.name, cfg.targets) == (5, "override", ("a", "b"))
+    saved = save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(Example, saved) == cfg
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Example, tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(Example, None, ["novalue"])
