@@ -41,7 +41,7 @@ class QuickstartConfig:
     steps: int = 400
     batch_size: int = 16
     lr: float = 3e-4
-    beta: float = 500.0
+    beta: float = 100.0
     beta_schedule: str = "constant"
     lora_rank: int = 16
     tie_policy: str = "drop"

@@ -82,7 +82,12 @@ def test_shipped_models_come_from_this_build_code(kind):
     from genalign.world.video import video_pipeline
 
     seed = BuildConfig().seed
-    built = image_pipeline(seed) if kind == "image" else video_pipeline(seed, vae=small_vae(seed))
+    if kind == "image":
+        built = image_pipeline(seed)
+    else:
+        from genalign.world.video_vae import FramewiseAutoencoderKL
+
+        built = video_pipeline(seed, vae=FramewiseAutoencoderKL.from_image_vae(small_vae(seed), [0.0] * 4, [1.0] * 4))
     shipped_dir = world_model_path(kind)
     encoders = ["text_encoder", "text_encoder_2"] if kind == "image" else ["text_encoder"]
     for name in encoders:
