@@ -45,6 +45,26 @@ def _sampling_kwargs(args, defaults: dict, adapter) -> dict:
     return kw
 
 
+def _guidance(args, adapter, kw: dict) -> dict:
+    """RLG (--rlg-scale, with a --lora) and Flow-NRG (--nrg-reward + --nrg-weights) as a sampling combiner."""
+    rlg_scale = getattr(args, "rlg_scale", None)
+    nrg_reward = getattr(args, "nrg_reward", None)
+    if rlg_scale is None and nrg_reward is None:
+        return {}
+    from .guidance import GuidanceError, nrg_combiner, rlg_combiner
+
+    if rlg_scale is not None and not args.lora:
+        raise GuidanceError("--rlg-scale mixes the base model with a fine-tuned one: give the LoRA with --lora")
+    combiner = rlg_combiner(adapter, guidance_scale=kw["guidance_scale"], scale=rlg_scale) if rlg_scale is not None else None
+    if nrg_reward is not None:
+        from .guidance.latent_reward import LatentRewardModel
+
+        weights = json.loads(args.nrg_weights) if args.nrg_weights else None
+        combiner = nrg_combiner(adapter, LatentRewardModel.from_pretrained(nrg_reward), guidance_scale=kw["guidance_scale"],
+                                weights=weights, scale=args.nrg_scale, inner=combiner)
+    return {"combiner": combiner}
+
+
 def _read_prompts(args, world: bool) -> list[str]:
     from .data.prompts import read_prompts
     from .world.grammar import parse_prompt
@@ -73,6 +93,7 @@ def cmd_sample(args) -> int:
     adapter, defaults, path = _load_model(args.model, args.kind, args.lora)
     prompts = _read_prompts(args, _is_world_model(path))
     kw = _sampling_kwargs(args, defaults, adapter)
+    kw.update(_guidance(args, adapter, kw))
     flat = [p for p in prompts for _ in range(args.num_per_prompt)]
     out = Path(args.out)
     outs = []
@@ -114,10 +135,13 @@ def cmd_eval(args) -> int:
 
         prompts = read_prompts(args.prompts)[: args.num_prompts]
     kw = _sampling_kwargs(args, defaults, adapter)
+    kw.update(_guidance(args, adapter, kw))
     t0 = time.time()
     samples, flat = generate(adapter, prompts, args.samples_per_prompt, seed=args.seed, **kw)
     summary = summarize(judge_samples(samples, flat), samples)
-    summary.update(model=path, sampling=kw, seed=args.seed, seconds=round(time.time() - t0, 1))
+    settings = {k: v for k, v in kw.items() if k != "combiner"}
+    settings.update(lora=args.lora, rlg_scale=args.rlg_scale, nrg_reward=args.nrg_reward, nrg_weights=args.nrg_weights)
+    summary.update(model=path, sampling=settings, seed=args.seed, seconds=round(time.time() - t0, 1))
     paths = write_report(Path(args.out), summary, samples, flat, f"{Path(path).name}: oracle on held-out prompts")
     _print_summary(summary)
     print(f"report: {paths['json']}  {paths['grid']}  {paths['plot']}")
@@ -164,6 +188,7 @@ def cmd_world_pairs(args) -> int:
     pool = split.train if args.split == "train" else split.heldout
     prompts = [random.Random(args.seed + i).choice(pool) for i in range(args.num_pairs)]
     kw = _sampling_kwargs(args, defaults, adapter)
+    kw.update(_guidance(args, adapter, kw))
     out = make_preference_data(adapter, kind, prompts, args.out,
                                Annotator(tie_margin=args.tie_margin, noise=args.noise, seed=args.seed),
                                seed=args.seed, **kw)
@@ -209,6 +234,12 @@ def _add_sampling_flags(p, with_prompts: bool = True) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-frames", type=int, default=None, help="video models only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rlg-scale", type=float, default=None,
+                   help="RLG weight w in [0, 3] between the base model (0) and the --lora model (1); >1 extrapolates "
+                        "(acts like the KL coefficient beta / w)")
+    p.add_argument("--nrg-reward", default=None, help="Flow-NRG: a noise-aware latent reward model folder")
+    p.add_argument("--nrg-weights", default=None, help='Flow-NRG per-dimension weights as JSON, e.g. \'{"VQ": 0.5, "TA": 1}\'')
+    p.add_argument("--nrg-scale", type=float, default=1.0, help="Flow-NRG strength lambda")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,11 +328,12 @@ USER_ERRORS: tuple[type[BaseException], ...] = ()
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
+    from .guidance import GuidanceError
     from .models.base import ModelLoadError
     from .world import WorldModelMissing
     from .world.grammar import PromptError
 
-    errors: list[type[BaseException]] = [ConfigError, ModelLoadError, PromptError, WorldModelMissing]
+    errors: list[type[BaseException]] = [ConfigError, ModelLoadError, PromptError, WorldModelMissing, GuidanceError]
     try:
         from .data import CacheMismatchError, DataError
 

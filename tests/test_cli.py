@@ -128,3 +128,37 @@ def test_train_flow_dpo_from_the_cli_and_resume(tmp_path):
     genalign(*args, "max_steps=4", "--resume", "latest")
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def random_lora(tmp_path_factory):
+    """A LoRA on the world image model with random B (a fresh LoRA is a no-op), saved in diffusers format."""
+    import torch
+
+    from genalign.models import load_adapter
+    from genalign.world import resolve_model
+
+    path, kw, _ = resolve_model("world")
+    adapter = load_adapter(path, **kw)
+    adapter.add_lora()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapter.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return adapter.save_lora(tmp_path_factory.mktemp("lora"))
+
+
+def test_sample_with_rlg_scale_dials_between_base_and_lora(tmp_path, random_lora):
+    common = ["--prompt", "red circle left of blue square", "--num-per-prompt", "1", "--steps", "4", "--seed", "3"]
+    genalign("sample", *common, "--out", tmp_path / "base")
+    genalign("sample", *common, "--lora", random_lora, "--out", tmp_path / "lora")
+    for w in ("0", "1", "2"):
+        genalign("sample", *common, "--lora", random_lora, "--rlg-scale", w, "--out", tmp_path / f"w{w}")
+    img = {n: np.asarray(Image.open(tmp_path / n / "0000.png")) for n in ("base", "lora", "w0", "w1", "w2")}
+    assert np.array_equal(img["w0"], img["base"]) and np.array_equal(img["w1"], img["lora"])
+    assert not np.array_equal(img["base"], img["lora"]) and not np.array_equal(img["w2"], img["w1"])
+    out = genalign("sample", *common, "--rlg-scale", "1", "--out", tmp_path / "x", check=False)
+    assert out.returncode == 2 and "--lora" in out.stderr and "Traceback" not in out.stderr
+    out = genalign("sample", *common, "--lora", random_lora, "--rlg-scale", "7", "--out", tmp_path / "x", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
