@@ -31,9 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 def cpu_pipeline():
-    from genalign.world.build import image_pipeline
+    """The shipped world image model (SD3 family, 2.3M-parameter transformer), loaded with the stock class."""
+    from diffusers import StableDiffusion3Pipeline
 
-    return image_pipeline(seed=0)
+    from genalign.world import world_model_path
+
+    return StableDiffusion3Pipeline.from_pretrained(world_model_path("image"), text_encoder_3=None, tokenizer_3=None)
 
 
 def random_pairs(n: int, size: int, seed: int = 0):
@@ -99,14 +102,15 @@ def run_peer(pairs: int, steps: int, warmup: int, threads: int) -> dict:
     data = random_pairs(pairs * (steps + 1), 32)
     g = torch.Generator().manual_seed(0)
     vae = pipe.vae
+    shift = vae.config.shift_factor or 0.0
     times = []
     for step in range(steps):
         t0 = time.perf_counter()
         batch = data[step * pairs : (step + 1) * pairs]
         with torch.no_grad():  # VAE and text encoders every step: no cache
             px = lambda key: torch.from_numpy(np.stack([getattr(p, key) for p in batch])).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
-            lat_w = (vae.encode(px("media_a")).latent_dist.sample() - vae.config.shift_factor) * vae.config.scaling_factor
-            lat_l = (vae.encode(px("media_b")).latent_dist.sample() - vae.config.shift_factor) * vae.config.scaling_factor
+            lat_w = (vae.encode(px("media_a")).latent_dist.sample() - shift) * vae.config.scaling_factor
+            lat_l = (vae.encode(px("media_b")).latent_dist.sample() - shift) * vae.config.scaling_factor
             embeds, _, pooled, _ = pipe.encode_prompt([p.prompt for p in batch], None, None,
                                                       do_classifier_free_guidance=False, max_sequence_length=1)
         t = flow.sample_logit_normal(pairs, generator=g)
@@ -169,7 +173,7 @@ def main() -> None:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "flow_dpo_step_cpu.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nFlow-DPO step, world image architecture (SD3, 2.3M params), {args.pairs} pairs, {args.threads} thread(s)")
+    print(f"\nFlow-DPO step, the world's image model (SD3, 2.3M params), {args.pairs} pairs, {args.threads} thread(s)")
     print(f"{'variant':10s} {'s/step':>8s} {'pairs/s':>8s} {'peak MB':>8s}")
     for name, r in (("peer", p), ("genalign", g)):
         print(f"{name:10s} {r['step_s']:8.3f} {args.pairs / r['step_s']:8.1f} {r['peak_mb']:8.0f}")
