@@ -99,7 +99,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     dataset = load_preference_pairs(pairs_path, tie_policy=cfg.tie_policy)
     train_cfg = FlowDPOConfig(
         output_dir=str(out / "train"), model=model_path, data=str(pairs_path), max_steps=cfg.steps,
-        batch_size=cfg.batch_size, lr=cfg.lr, beta=cfg.beta, beta_schedule=cfg.beta_schedule,
+        batch_size=min(cfg.batch_size, max(len(dataset), 1)), lr=cfg.lr, beta=cfg.beta, beta_schedule=cfg.beta_schedule,
         lora_rank=cfg.lora_rank, tie_policy=cfg.tie_policy, seed=cfg.seed, checkpoint_every=max(cfg.steps, 1),
         keep_checkpoints=1, log_every=10, report_to="none", warmup_steps=min(20, cfg.steps // 10),
         max_sequence_length=adapter_kwargs.get("max_sequence_length"),
@@ -143,7 +143,8 @@ def _oracle_point(adapter, step: int, prompts: list[str], seed: int, sampling: d
 
     samples, flat = generate(adapter, prompts, 2, seed=seed, progress=False, **sampling)
     rows = judge_samples(samples, flat, progress=False)
-    return {"step": step, **{d: float(np.mean([r[d] for r in rows])) for d in rows[0] if d not in ("prompt",)}}
+    dims = [d for d in ("VQ", "MQ", "TA", "strict") if d in rows[0]]
+    return {"step": step, **{d: float(np.nanmean([r.get(d, math.nan) for r in rows])) for d in dims}}
 
 
 def _strip(summary: dict) -> dict:

@@ -162,3 +162,13 @@ def test_sample_with_rlg_scale_dials_between_base_and_lora(tmp_path, random_lora
     assert out.returncode == 2 and "--lora" in out.stderr and "Traceback" not in out.stderr
     out = genalign("sample", *common, "--lora", random_lora, "--rlg-scale", "7", "--out", tmp_path / "x", check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_quickstart_video_end_to_end_at_a_tiny_budget(tmp_path):
+    out = tmp_path / "qsv"
+    genalign("quickstart", "--video", "--steps", "3", "--num-pair-prompts", "8", "--eval-prompts", "4",
+             "--eval-samples-per-prompt", "2", "--out", out)
+    report = json.loads((out / "report.json").read_text())
+    assert {"VQ", "MQ", "TA"} <= set(report["aligned_minus_base"])
+    assert (out / "pairs" / "pairs.csv").is_file() and (out / "train" / "lora").is_dir()
+    assert "--kind video --lora" in report["sample_command"]
