@@ -60,12 +60,6 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, lossless: bo
     return path
 
 
-def read_video(path: str | Path) -> np.ndarray:
-    import imageio.v2 as imageio
-
-    return np.stack([np.asarray(f)[..., :3] for f in imageio.mimread(str(path), memtest=False)])
-
-
 def video_strip(frames: np.ndarray, scale: int = 3) -> np.ndarray:
     """All frames of a clip side by side, for a PNG report."""
     return upscale(np.concatenate(list(frames), axis=1), scale)

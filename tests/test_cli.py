@@ -49,7 +49,7 @@ def test_sample_is_reproducible_per_seed(tmp_path):
 def test_sample_video_writes_mp4(tmp_path):
     genalign("sample", "--kind", "video", "--prompt", "red circle moving left", "--num-per-prompt", "1",
              "--steps", "4", "--out", tmp_path / "vid")
-    from genalign.media import read_video
+    from genalign.data import read_video
 
     clip = read_video(tmp_path / "vid" / "0000.mp4")
     assert clip.shape == (8, 32, 32, 3)

@@ -476,8 +476,8 @@ def _prompt(value, column: str) -> str:
 _VOTES = {"a": 1.0, "b": 0.0, "same": 0.5, "tie": 0.5}
 
 
-def _label(value, column: str) -> float:
-    """1 / 0 / 0.5 (numbers or numeric strings) or A / B / same -> 1.0 / 0.0 / 0.5."""
+def parse_label(value) -> float | None:
+    """1 / 0 / 0.5 (numbers or numeric strings) or A / B / same / tie -> 1.0 / 0.0 / 0.5; None if unknown."""
     if isinstance(value, str):
         key = value.strip().lower()
         if key in _VOTES:
@@ -485,19 +485,20 @@ def _label(value, column: str) -> float:
         try:
             value = float(key)
         except ValueError:
-            raise _Bad(
-                column, f"unknown label value {value!r} (expected 1, 0, 0.5 or A, B, same)", "bad_label"
-            ) from None
-    if (
-        value is None
-        or isinstance(value, bool)
-        or not isinstance(value, (int, float, np.integer, np.floating))
-    ):
-        raise _Bad(column, f"unknown label value {value!r} (expected 1, 0 or 0.5)", "bad_label")
+            return None
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
     for ok in (1.0, 0.0, 0.5):
         if abs(float(value) - ok) < 1e-6:
             return ok
-    raise _Bad(column, f"unknown label value {value!r} (expected 1, 0 or 0.5)", "bad_label")
+    return None
+
+
+def _label(value, column: str) -> float:
+    label = parse_label(value)
+    if label is None:
+        raise _Bad(column, f"unknown label value {value!r} (expected 1, 0, 0.5 or A, B, same)", "bad_label")
+    return label
 
 
 def _vote(value, column: str) -> float:

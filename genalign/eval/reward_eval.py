@@ -41,13 +41,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.preference import parse_label
 from ..losses.reward import accuracy_with_ties, accuracy_without_ties
 
 REPORT_JSON = "reward_eval.json"
 REPORT_PNG = "reward_eval.png"
 ORACLE_OVERALL = "oracle_label"
 DEFAULT_LABEL_WEIGHTS = {"VQ": 1.0, "MQ": 1.0, "TA": 1.0}
-_VOTES = {"a": 1.0, "b": 0.0, "same": 0.5, "tie": 0.5}
 OVERALL = "__overall__"  # the label source of a model's overall / single dimension: the pair's overall label
 
 
@@ -57,22 +57,9 @@ class RewardCLIError(ValueError):
 
 # ------------------------------------------------------------------------------------------- labels
 def _label_value(value) -> float:
-    """1 / 0 / 0.5, "A" / "B" / "same" -> 1.0 / 0.0 / 0.5; anything else -> NaN."""
-    if value is None:
-        return math.nan
-    if isinstance(value, str):
-        key = value.strip().lower()
-        if key in _VOTES:
-            return _VOTES[key]
-        try:
-            value = float(key)
-        except ValueError:
-            return math.nan
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return value if value in (0.0, 0.5, 1.0) else math.nan
+    """A label cell -> 1.0 / 0.0 / 0.5, or NaN when it is missing or unknown (genalign.data's parsing)."""
+    label = parse_label(value)
+    return math.nan if label is None else label
 
 
 def _vote(labels: Mapping[str, float], weights: Mapping[str, float]) -> float:
