@@ -107,24 +107,11 @@ def autoencoder_kl(seed: int, latent_channels: int = 4, scaling_factor: float = 
 
 def tiny_sd3_pipeline(seed: int = 0, with_t5: bool = True):
     """StableDiffusion3Pipeline: two CLIP encoders (+ T5 unless with_t5=False, as in the world's image model)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     tok = clip_tokenizer()
     joint_dim = 2 * TEXT_DIM  # the two CLIP hidden states side by side; T5's width must match
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=joint_dim,
-        caption_projection_dim=16,
-        pooled_projection_dim=2 * TEXT_DIM,
-        out_channels=4,
-        pos_embed_max_size=16,
-    ).eval()
+    transformer = sd3_transformer(seed)
     t5_tok = t5_tokenizer() if with_t5 else None
     return StableDiffusion3Pipeline(
         transformer=transformer,
@@ -174,23 +161,48 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False):
     )
 
 
-def _wan_transformer(seed: int):
+def sd3_transformer(seed: int, num_layers: int = 2, attention_head_dim: int = 8, num_attention_heads: int = 2,
+                    text_dim: int = TEXT_DIM):
+    """SD3Transformer2DModel over 4x16x16 latents, conditioned on two CLIP encoders of width text_dim (no T5 width
+    of its own). The world's image model is the same design at a larger size."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=2 * text_dim,
+        caption_projection_dim=num_attention_heads * attention_head_dim,
+        pooled_projection_dim=2 * text_dim,
+        out_channels=4,
+        pos_embed_max_size=16,
+    ).eval()
+
+
+def wan_transformer(seed: int, patch_size: tuple[int, int, int] = (1, 2, 2), num_attention_heads: int = 2,
+                    attention_head_dim: int = 12, freq_dim: int = 32, ffn_dim: int = 32, num_layers: int = 2,
+                    rope_max_seq_len: int = 32, text_dim: int = TEXT_DIM):
+    """WanTransformer3DModel with 4 latent channels; the world's video model is the same design at a larger size."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
+        patch_size=patch_size,
+        num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim,
         in_channels=4,
         out_channels=4,
-        text_dim=TEXT_DIM,
-        freq_dim=32,
-        ffn_dim=32,
-        num_layers=2,
+        text_dim=text_dim,
+        freq_dim=freq_dim,
+        ffn_dim=ffn_dim,
+        num_layers=num_layers,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
+        rope_max_seq_len=rope_max_seq_len,
     ).eval()
 
 
@@ -214,8 +226,8 @@ def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False, expand_timesteps
     return WanPipeline(
         tokenizer=t5_tok,
         text_encoder=t5_text_encoder(t5_tok, seed + 2, umt5=True),
-        transformer=_wan_transformer(seed),
-        transformer_2=_wan_transformer(seed + 3) if two_experts else None,
+        transformer=wan_transformer(seed),
+        transformer_2=wan_transformer(seed + 3) if two_experts else None,
         boundary_ratio=0.5 if two_experts else None,
         expand_timesteps=expand_timesteps,
         vae=vae,

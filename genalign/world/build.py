@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import flow
-from ..models.tiny import autoencoder_kl, clip_text_encoder
+from ..models.tiny import autoencoder_kl, clip_text_encoder, sd3_transformer
 from . import DEFAULT_SAMPLING
 from .corpus import make_image_corpus
 from .tokenizer import build_tokenizer
@@ -52,23 +52,10 @@ def small_vae(seed: int):
 
 def image_pipeline(seed: int, vae=None):
     """A randomly initialised world image pipeline (StableDiffusion3Pipeline)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     tok = build_tokenizer()
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=4,
-        num_layers=4,
-        attention_head_dim=32,
-        num_attention_heads=4,
-        joint_attention_dim=2 * TEXT_DIM,
-        caption_projection_dim=128,
-        pooled_projection_dim=2 * TEXT_DIM,
-        out_channels=4,
-        pos_embed_max_size=16,
-    )
+    transformer = sd3_transformer(seed, num_layers=4, attention_head_dim=32, num_attention_heads=4, text_dim=TEXT_DIM)
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),

@@ -6,9 +6,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..models.tiny import t5_text_encoder
+from ..models.tiny import t5_text_encoder, wan_transformer
 from . import DEFAULT_SAMPLING
 from .build import BuildConfig, encode_raw, load_autoencoder, pretrain_flow, save_pipeline
 from .corpus import make_video_corpus
@@ -19,23 +18,8 @@ VIDEO_PATCH = (1, 4, 4)
 
 
 def video_transformer(seed: int):
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(
-        patch_size=VIDEO_PATCH,
-        num_attention_heads=4,
-        attention_head_dim=32,
-        in_channels=4,
-        out_channels=4,
-        text_dim=VIDEO_TEXT_DIM,
-        freq_dim=64,
-        ffn_dim=256,
-        num_layers=3,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=64,
-    )
+    return wan_transformer(seed, patch_size=VIDEO_PATCH, num_attention_heads=4, attention_head_dim=32, freq_dim=64,
+                           ffn_dim=256, num_layers=3, rope_max_seq_len=64, text_dim=VIDEO_TEXT_DIM)
 
 
 def video_pipeline(seed: int, vae):
