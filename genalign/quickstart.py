@@ -132,7 +132,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         "curve": curve,
         "train": {"steps": result.step, "lora": str(result.final_model_dir), "last_metrics": result.last_metrics},
         "timings": timings,
-        "sample_command": _sample_command(cfg, model_name, result.final_model_dir, eval_prompts),
+        "sample_command": _sample_command(cfg, result.final_model_dir, eval_prompts),
     }
     _write_report(out, report, base_samples, aligned_samples, flat, cfg)
     return report
@@ -151,7 +151,7 @@ def _strip(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k != "per_prompt"}
 
 
-def _sample_command(cfg: QuickstartConfig, model_name: str, lora_dir, prompts: list[str]) -> str:
+def _sample_command(cfg: QuickstartConfig, lora_dir, prompts: list[str]) -> str:
     model = f" --model {cfg.model}" if cfg.model else (" --kind video" if cfg.kind == "video" else "")
     return f'genalign sample{model} --lora {lora_dir} --prompt "{prompts[0]}" --out aligned-samples'
 

@@ -84,33 +84,43 @@ def miscaption(prompt: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
-def make_image_corpus(n: int, seed: int = 0, shares: CorpusShares | None = None) -> Corpus:
-    shares = shares or CorpusShares()
-    rng = random.Random(seed)
-    nrng = np.random.default_rng(seed)
-    train = image_splits().train
-    by_template: dict[str, list[str]] = {}
-    for p in train:
-        by_template.setdefault(parse_prompt(p).template, []).append(p)
-    # Relation prompts are 90% of the language but need not be 90% of the data.
-    mix = {"single": 0.35, "count": 0.25, "relation": 0.40}
-    media, captions, trues = np.empty((n, 32, 32, 3), np.uint8), [], []
+def _collect(n: int, media_shape: tuple[int, ...], draw, shares: CorpusShares, rng: random.Random) -> Corpus:
+    """n samples from `draw(i) -> (true prompt, float media, degraded?)`, each captioned wrongly with probability
+    shares.wrong_caption. The random draws happen in a fixed order, so a seed always gives the same corpus."""
+    media = np.empty((n, *media_shape), np.uint8)
+    captions, trues = [], []
     wrong, degraded = np.zeros(n, bool), np.zeros(n, bool)
     for i in range(n):
-        template = rng.choices(list(mix), weights=list(mix.values()))[0]
-        prompt = rng.choice(by_template[template])
-        img = render_image(prompt, nrng)
-        if rng.random() < shares.degraded:
-            img = corrupt_image(img, rng.choice(IMAGE_CORRUPTIONS), nrng)
-            degraded[i] = True
+        prompt, sample, degraded[i] = draw(i)
         caption = prompt
         if rng.random() < shares.wrong_caption:
             caption = miscaption(prompt, rng)
             wrong[i] = True
-        media[i] = to_uint8(img)
+        media[i] = to_uint8(sample)
         captions.append(caption)
         trues.append(prompt)
     return Corpus(media, captions, trues, wrong, degraded)
+
+
+def make_image_corpus(n: int, seed: int = 0, shares: CorpusShares | None = None) -> Corpus:
+    shares = shares or CorpusShares()
+    rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    by_template: dict[str, list[str]] = {}
+    for p in image_splits().train:
+        by_template.setdefault(parse_prompt(p).template, []).append(p)
+    # Relation prompts are 90% of the language but need not be 90% of the data.
+    mix = {"single": 0.35, "count": 0.25, "relation": 0.40}
+
+    def draw(i):
+        template = rng.choices(list(mix), weights=list(mix.values()))[0]
+        prompt = rng.choice(by_template[template])
+        img = render_image(prompt, nrng)
+        if rng.random() < shares.degraded:
+            return prompt, corrupt_image(img, rng.choice(IMAGE_CORRUPTIONS), nrng), True
+        return prompt, img, False
+
+    return _collect(n, (32, 32, 3), draw, shares, rng)
 
 
 def make_video_corpus(n: int, seed: int = 0, shares: CorpusShares | None = None, frames: int = 8) -> Corpus:
@@ -118,24 +128,16 @@ def make_video_corpus(n: int, seed: int = 0, shares: CorpusShares | None = None,
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
     train = video_splits().train
-    media = np.empty((n, frames, 32, 32, 3), np.uint8)
-    captions, trues = [], []
-    wrong, degraded = np.zeros(n, bool), np.zeros(n, bool)
-    for i in range(n):
+
+    def draw(i):
         prompt = rng.choice(train)
+        bad = False
         if rng.random() < shares.bad_motion and not prompt.endswith("still"):
-            vid = jitter_video(prompt, int(nrng.integers(1 << 31)), frames=frames)
-            degraded[i] = True
+            vid, bad = jitter_video(prompt, int(nrng.integers(1 << 31)), frames=frames), True
         else:
             vid = render_video(prompt, nrng, frames=frames)
         if rng.random() < shares.degraded:
-            vid = flicker_video(vid, nrng)
-            degraded[i] = True
-        caption = prompt
-        if rng.random() < shares.wrong_caption:
-            caption = miscaption(prompt, rng)
-            wrong[i] = True
-        media[i] = to_uint8(vid)
-        captions.append(caption)
-        trues.append(prompt)
-    return Corpus(media, captions, trues, wrong, degraded)
+            vid, bad = flicker_video(vid, nrng), True
+        return prompt, vid, bad
+
+    return _collect(n, (frames, 32, 32, 3), draw, shares, rng)
