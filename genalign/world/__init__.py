@@ -11,6 +11,8 @@ from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
 MODEL_DIRS = {"image": "image-base", "video": "video-base"}
+# Flow-DPO LoRAs trained on the world's preference pairs (diffusers LoRA format), what `genalign demo` serves.
+ALIGNED_LORA_DIRS = {"image": "image-aligned-lora"}
 
 # Sampling defaults of the shipped models (also written to each model folder as genalign_sampling.json).
 DEFAULT_SAMPLING = {
@@ -31,6 +33,16 @@ def world_model_path(kind: str = "image") -> Path:
         raise WorldModelMissing(
             f"the world's {kind} model is not at {path}; rebuild it with `genalign world build --only {kind}`"
         )
+    return path
+
+
+def aligned_lora_path(kind: str = "image") -> Path:
+    """The shipped Flow-DPO LoRA for the world's `kind` model (a folder with pytorch_lora_weights.safetensors)."""
+    if kind not in ALIGNED_LORA_DIRS:
+        raise WorldModelMissing(f"no aligned LoRA is shipped for the world's {kind} model")
+    path = ASSETS / ALIGNED_LORA_DIRS[kind]
+    if not (path / "pytorch_lora_weights.safetensors").is_file():
+        raise WorldModelMissing(f"the world's aligned {kind} LoRA is not at {path}; see {path.parent}/BUILD.json")
     return path
 
 
