@@ -75,6 +75,15 @@ class FlowDPOConfig(TrainConfig):
                                              "(0: never)")
     reference_model_path: str | None = option(None, "reference=model: a pipeline folder of the same family and latent space")
     tie_policy: str = option("drop", "ties in the data: drop | half (label 0.5, symmetric loss) | keep_first (as A wins)")
+    online_prompts: str | None = option(None, "online pairs instead of `data`: 'world' (the world's training prompts) "
+                                              "or a text file with one prompt per line; each round samples online_k "
+                                              "outputs per prompt from the current model and keeps best vs worst")
+    online_rounds: int = option(1, "online: rounds of (sample pairs from the current model, train max_steps/rounds "
+                                   "steps); the reference is the model at the start of each round")
+    online_prompts_per_round: int = option(512, "online: prompts drawn (with replacement) per round")
+    online_k: int = option(8, "online: candidates sampled per prompt")
+    online_scorer: str = option("world", "online: 'world' (the oracle score the simulated annotators see) or a "
+                                         "genalign reward model folder")
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,6 +102,15 @@ class FlowDPOConfig(TrainConfig):
             raise ConfigError("config key 'reference_refresh_every': only used with reference=adapter")
         if self.lora_rank < 1:
             raise ConfigError(f"config key 'lora_rank': must be >= 1, got {self.lora_rank}")
+        if self.online_prompts:
+            for key in ("online_rounds", "online_prompts_per_round"):
+                if getattr(self, key) < 1:
+                    raise ConfigError(f"config key {key!r}: must be >= 1, got {getattr(self, key)}")
+            if self.online_k < 2:
+                raise ConfigError(f"config key 'online_k': best vs worst needs >= 2 candidates, got {self.online_k}")
+            if self.online_rounds > self.max_steps:
+                raise ConfigError(f"config key 'online_rounds': {self.online_rounds} rounds need max_steps >= rounds "
+                                  f"(max_steps={self.max_steps})")
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -140,6 +158,17 @@ class PreferenceCollator:
                                  "(and num_frames=F for videos) to resize them")
             batch[f"pixels_{side}"] = torch.stack(pix)
         return batch
+
+
+@torch.no_grad()
+def pair_latents(adapter, batch: dict[str, Any], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents of A, latents of B) of a `PreferenceCollator` batch in the adapter's normalised latent space,
+    float32: the cached latents as they are, else both sides' pixels encoded in one VAE call."""
+    if "latents_a" in batch:
+        return batch["latents_a"].float(), batch["latents_b"].float()
+    pixels = torch.cat([batch["pixels_a"], batch["pixels_b"]])
+    latents = adapter.encode_pixels(pixels.to(device if device is not None else adapter.device)).float()
+    return latents.chunk(2)
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -255,14 +284,9 @@ class FlowDPOTrainer(Trainer):
     def save_model(self, directory: Path) -> None:
         self.adapter.save_lora(directory)
 
-    @torch.no_grad()
     def pair_latents(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents of A, latents of B) in the adapter's normalised latent space, float32."""
-        if "latents_a" in batch:
-            return batch["latents_a"].float(), batch["latents_b"].float()
-        pixels = torch.cat([batch["pixels_a"], batch["pixels_b"]])  # one VAE call for both sides
-        latents = self.adapter.encode_pixels(pixels.to(self.device)).float()
-        return latents.chunk(2)
+        return pair_latents(self.adapter, batch, self.device)
 
     def orient_pairs(self, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(swap, keep, label_w): swap where B is preferred (so w comes first), keep = pairs that enter the loss,
@@ -353,7 +377,8 @@ class FlowDPOTrainer(Trainer):
         from ..models import load_adapter
 
         if not config.data:
-            raise ConfigError("config key 'data': give the preference pairs or a latent cache folder (data=PATH)")
+            raise ConfigError("config key 'data': give the preference pairs or a latent cache folder (data=PATH), "
+                              "or online_prompts=world|FILE for online pairs")
         from ..world import resolve_model
 
         model_path, extra, _ = resolve_model(config.model)
@@ -393,7 +418,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("genalign").setLevel(logging.INFO)  # ours at INFO; accelerate's per-file chatter stays off
-    result = FlowDPOTrainer.from_config(config).train()
+    if config.online_prompts:
+        from .online_pairs import train_online
+
+        result = train_online(config)
+    else:
+        result = FlowDPOTrainer.from_config(config).train()
     print(f"done: step {result.step}, LoRA at {result.final_model_dir}")
     return 0
 

@@ -48,7 +48,7 @@ def overall_image_score(scores: dict[str, float]) -> float:
     return 0.5 * (scores["TA"] + scores["VQ"])
 
 
-def _png_bytes(img: np.ndarray) -> bytes:
+def png_bytes(img: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
@@ -64,7 +64,7 @@ def label_image_pairs(a: np.ndarray, b: np.ndarray, prompts: list[str], annotato
         lab = annotator.label(overall_image_score(ja), overall_image_score(jb))
         label_0 = {"A": 1.0, "B": 0.0, "same": 0.5}[lab]
         rows.append({
-            "caption": p, "jpg_0": _png_bytes(img_a), "jpg_1": _png_bytes(img_b),
+            "caption": p, "jpg_0": png_bytes(img_a), "jpg_1": png_bytes(img_b),
             "label_0": label_0, "label_1": 1.0 - label_0,
             "oracle_label": annotator.clean_label(overall_image_score(ja), overall_image_score(jb)),
             **{f"oracle_{k}_0": v for k, v in ja.items()}, **{f"oracle_{k}_1": v for k, v in jb.items()},
