@@ -10,17 +10,53 @@ from pathlib import Path
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _load_model(model: str | None, kind: str | None, lora: str | None = None):
-    """Resolve --model (default: the world's base model of --kind), load its adapter and, if given, a LoRA."""
+def load_model(model: str | None, kind: str | None, loras=()):
+    """Resolve --model (default: the world's base model of --kind), load its adapter and the LoRA folders.
+
+    One LoRA is loaded as adapter "default", the active one that `--rlg-scale` mixes with the base; several get
+    names from their folders (`lora_adapter_names`) for RLG's per-expert weights. Returns (adapter, sampling
+    defaults, model path, adapter names). Shared by the commands and the demo (genalign.app)."""
+    import warnings
+
     from .models import ModelLoadError, load_adapter
     from .world import resolve_model
 
-    path, adapter_kwargs, defaults = resolve_model(model, kind)
-    adapter = load_adapter(path, **adapter_kwargs)
-    if lora:
+    loras = [str(x) for x in loras]
+    for lora in loras:
         if not Path(lora).exists():
             raise ModelLoadError(f"--lora {lora!r} does not exist")
-        adapter.load_lora(lora)
+    path, adapter_kwargs, defaults = resolve_model(model, kind)
+    adapter = load_adapter(path, **adapter_kwargs)
+    names = lora_adapter_names(loras)
+    with warnings.catch_warnings():
+        # Several adapters on one denoiser are intended (RLG experts); peft warns on every load after the first.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        for lora, name in zip(loras, names):
+            adapter.load_lora(lora, adapter_name=name)
+    return adapter, defaults, path, names
+
+
+def lora_adapter_names(loras) -> list[str]:
+    """"default" for one LoRA; for several, unique names from their folders (a trainer's `<run>/lora` -> run)."""
+    import re
+
+    if len(loras) <= 1:
+        return ["default"] * len(loras)
+    names: list[str] = []
+    for lora in loras:
+        p = Path(lora).resolve()
+        stem = p.parent.name if p.name == "lora" else p.name
+        name = re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_") or "lora"
+        base, i = name, 2
+        while name in names:
+            name, i = f"{base}_{i}", i + 1
+        names.append(name)
+    return names
+
+
+def _load_model(model: str | None, kind: str | None, lora: str | None = None):
+    """load_model with at most one LoRA: (adapter, sampling defaults, model path)."""
+    adapter, defaults, path, _ = load_model(model, kind, [lora] if lora else [])
     return adapter, defaults, path
 
 
@@ -45,24 +81,43 @@ def _sampling_kwargs(args, defaults: dict, adapter) -> dict:
     return kw
 
 
+def guidance_combiner(adapter, *, guidance_scale: float, rlg_scale: float | None = None,
+                      rlg_experts: dict[str, float] | None = None, nrg_reward=None,
+                      nrg_weights: dict[str, float] | None = None, nrg_scale: float = 1.0, nrg_prompts=None):
+    """The sampling combiner (genalign.sampling) for RLG and Flow-NRG, or None for plain CFG.
+
+    RLG: `rlg_scale` w mixes the base with the active LoRA (0 = base, 1 = LoRA), or `rlg_experts` gives one
+    weight per loaded LoRA adapter. NRG: a loaded latent reward model with per-dimension weights and strength
+    lambda = `nrg_scale`, applied on top of RLG (or CFG). Raises GuidanceError before any denoising."""
+    from .guidance import nrg_combiner, rlg_combiner
+
+    combiner = None
+    if rlg_scale is not None or rlg_experts:
+        combiner = rlg_combiner(adapter, guidance_scale=guidance_scale, scale=rlg_scale, experts=rlg_experts)
+    if nrg_reward is not None:
+        combiner = nrg_combiner(adapter, nrg_reward, guidance_scale=guidance_scale, weights=nrg_weights,
+                                scale=nrg_scale, inner=combiner, prompts=nrg_prompts)
+    return combiner
+
+
 def _guidance(args, adapter, kw: dict) -> dict:
     """RLG (--rlg-scale, with a --lora) and Flow-NRG (--nrg-reward + --nrg-weights) as a sampling combiner."""
     rlg_scale = getattr(args, "rlg_scale", None)
     nrg_reward = getattr(args, "nrg_reward", None)
     if rlg_scale is None and nrg_reward is None:
         return {}
-    from .guidance import GuidanceError, nrg_combiner, rlg_combiner
+    from .guidance import GuidanceError
 
     if rlg_scale is not None and not args.lora:
         raise GuidanceError("--rlg-scale mixes the base model with a fine-tuned one: give the LoRA with --lora")
-    combiner = rlg_combiner(adapter, guidance_scale=kw["guidance_scale"], scale=rlg_scale) if rlg_scale is not None else None
+    reward = None
     if nrg_reward is not None:
         from .guidance.latent_reward import LatentRewardModel
 
-        weights = json.loads(args.nrg_weights) if args.nrg_weights else None
-        combiner = nrg_combiner(adapter, LatentRewardModel.from_pretrained(nrg_reward), guidance_scale=kw["guidance_scale"],
-                                weights=weights, scale=args.nrg_scale, inner=combiner)
-    return {"combiner": combiner}
+        reward = LatentRewardModel.from_pretrained(nrg_reward)
+    weights = json.loads(args.nrg_weights) if args.nrg_weights else None
+    return {"combiner": guidance_combiner(adapter, guidance_scale=kw["guidance_scale"], rlg_scale=rlg_scale,
+                                          nrg_reward=reward, nrg_weights=weights, nrg_scale=args.nrg_scale)}
 
 
 def _read_prompts(args, world: bool) -> list[str]:
@@ -196,7 +251,8 @@ def cmd_world_pairs(args) -> int:
     return 0
 
 
-TRAINERS = {"flow-dpo": "genalign.trainers.flow_dpo", "reward": "genalign.trainers.reward"}
+TRAINERS = {"flow-dpo": "genalign.trainers.flow_dpo", "reward": "genalign.trainers.reward",
+            "latent-reward": "genalign.trainers.latent_reward"}
 
 
 def cmd_train(args) -> int:
@@ -211,6 +267,12 @@ def cmd_quickstart(args) -> int:
 
     args.kind = "video" if args.video else "image"
     return quickstart_main(args)
+
+
+def cmd_demo(args) -> int:
+    from .app.demo import run
+
+    return run(args)
 
 
 def cmd_cache(args) -> int:
@@ -278,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-reward", help="reward-model accuracy with and without ties on held-out pairs")
     p.add_argument("eval_reward_args", nargs=argparse.REMAINDER, help="see `genalign eval-reward -h`")
 
+    p = sub.add_parser("sweep", help="guidance strength sweeps: `sweep rlg` (RLG weight) or `sweep nrg` (Flow-NRG "
+                                     "weights and strength) -> sweep.json, curve.png, strips.png")
+    p.add_argument("sweep_args", nargs=argparse.REMAINDER, help="see `genalign sweep rlg -h` / `genalign sweep nrg -h`")
+
     p = sub.add_parser("quickstart", help="the main job on the built-in world: sample, label pairs, Flow-DPO, "
                                           "evaluate base vs aligned, write a report (about 5 min on 2 CPU cores)")
     p.add_argument("--out", default="runs/quickstart")
@@ -293,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_quickstart)
 
+    p = sub.add_parser("demo", help="a Gradio page on 127.0.0.1: base vs aligned side by side, with the RLG weight "
+                                     "(and Flow-NRG) sliders and reward / oracle scores")
+    from .app.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(p)
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("cache", help="encode a preference dataset into a latent + text-embedding cache")
     p.add_argument("--model", required=True, help="pipeline folder or hub id whose VAE/text encoders to use")
     p.add_argument("--data", required=True, help="parquet / HF dataset folder / VideoAlign CSV / jsonl / folder")
@@ -306,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = world.add_subparsers(dest="world_command", required=True)
     p = wsub.add_parser("build", help="retrain the world's base generators from scratch (CPU, about an hour)")
     p.add_argument("--out", default=None, help="where to write the models (default: the package's shipped assets)")
-    p.add_argument("--only", choices=["vae", "image", "video"], default=None,
-                   help="one stage; vae must exist before image and video, which may run at once")
+    p.add_argument("--only", choices=["vae", "image", "video", "latent-reward"], default=None,
+                   help="one stage; vae must exist before image and video, which may run at once; latent-reward "
+                        "(only when named) trains the image model's Flow-NRG latent reward models")
     p.add_argument("--config", default=None, help="YAML file of BuildConfig keys")
     p.add_argument("overrides", nargs="*", help="key=value overrides of BuildConfig (e.g. image_steps=2000)")
     p.set_defaults(func=cmd_world_build)
@@ -345,7 +419,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 # Commands whose module owns its whole argument parser (so `genalign score --help` shows score's own help).
 DELEGATED = {"score": ("genalign.eval.reward_eval", "score_main"),
-             "eval-reward": ("genalign.eval.reward_eval", "eval_reward_main")}
+             "eval-reward": ("genalign.eval.reward_eval", "eval_reward_main"),
+             "sweep": ("genalign.eval.sweep", "sweep_main")}
 
 
 def main(argv: list[str] | None = None) -> int:
