@@ -481,3 +481,20 @@ def test_recipe_loads_and_unknown_keys_are_named(tmp_path):
         load_config(FlowDPOConfig, None, ["lr_scheduler=step"])
     with pytest.raises(ConfigError, match="reference_model_path"):
         FlowDPOConfig(reference="model")
+
+
+def test_sft_weight_adds_the_winners_flow_matching_error(sd3_pipe, tmp_path):
+    """loss(sft_weight=w) = Flow-DPO loss + w * mean winners' error, on the same batch, noise and t."""
+    adapter = sd3_adapter(sd3_pipe)
+    plain = FlowDPOTrainer(adapter, dpo_config(tmp_path, "plain", max_steps=1), separable_pairs())
+    batch = plain.collate_fn(separable_pairs(8))
+    plain.generator.manual_seed(5)
+    with torch.no_grad():
+        loss0, metrics0 = plain.compute_loss(batch)
+    with_sft = FlowDPOTrainer(adapter, dpo_config(tmp_path, "sft", max_steps=1, sft_weight=2.5), separable_pairs())
+    with_sft.generator.manual_seed(5)
+    with torch.no_grad():
+        loss1, _ = with_sft.compute_loss(batch)
+    assert float(loss1) == pytest.approx(float(loss0) + 2.5 * float(metrics0["mse_w"]), rel=1e-5)
+    with pytest.raises(ConfigError, match="sft_weight"):
+        dpo_config(tmp_path, sft_weight=-1.0)

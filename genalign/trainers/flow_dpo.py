@@ -75,6 +75,8 @@ class FlowDPOConfig(TrainConfig):
                                              "(0: never)")
     reference_model_path: str | None = option(None, "reference=model: a pipeline folder of the same family and latent space")
     tie_policy: str = option("drop", "ties in the data: drop | half (label 0.5, symmetric loss) | keep_first (as A wins)")
+    sft_weight: float = option(0.0, "add sft_weight x the winners' flow-matching error to the loss (0: plain "
+                                    "Flow-DPO); keeps the winners' likelihood from falling with the losers' (RPO)")
     online_prompts: str | None = option(None, "online pairs instead of `data`: 'world' (the world's training prompts) "
                                               "or a text file with one prompt per line; each round samples online_k "
                                               "outputs per prompt from the current model and keeps best vs worst")
@@ -100,6 +102,8 @@ class FlowDPOConfig(TrainConfig):
             raise ConfigError("config key 'reference_model_path': needed with reference=model")
         if self.reference_refresh_every and self.reference != "adapter":
             raise ConfigError("config key 'reference_refresh_every': only used with reference=adapter")
+        if self.sft_weight < 0:
+            raise ConfigError(f"config key 'sft_weight': must be >= 0, got {self.sft_weight}")
         if self.lora_rank < 1:
             raise ConfigError(f"config key 'lora_rank': must be >= 1, got {self.lora_rank}")
         if self.online_prompts:
@@ -349,6 +353,12 @@ class FlowDPOTrainer(Trainer):
         divergence = None if cfg.divergence == "reverse_kl" else cfg.divergence  # reverse KL is Flow-DPO itself
         loss, stats = flow_dpo_loss(mw, ml, rw, rl, cfg.beta, t=t, beta_schedule=cfg.beta_schedule, label=label_w,
                                     divergence=divergence, alpha=cfg.divergence_alpha)
+        if cfg.sft_weight:
+            # Winners' own flow-matching error (decided pairs only): counters the likelihood displacement of DPO,
+            # where the winners' error rises along with the losers' while their difference grows.
+            decided = label_w > 0.5
+            sft = mw[decided].mean() if bool(decided.any()) else mw.sum() * 0.0
+            loss = loss + cfg.sft_weight * sft
         beta_t = beta_at(cfg.beta, t, cfg.beta_schedule)
         metrics = {
             "implicit_acc": stats["implicit_acc"],
