@@ -1,0 +1,54 @@
+"""The benchmark scripts' CPU modes run end to end and write the JSON the GPU runs are read from.
+
+Tiny budgets only (a few steps / items): these check the code paths and the report's keys, never timings.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str, timeout: int = 300) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT, check=False)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+
+
+def test_flow_dpo_step_tiny_runs_the_at_scale_path_and_reports_flops_and_timings(tmp_path):
+    out = tmp_path / "flow.json"
+    run_script("flow_dpo_step.py", "--tiny", "--px", "64", "--variants", "eager", "raw", "--steps", "2",
+               "--warmup", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert set(report) >= {"meta", "ceiling", "results"}
+    assert report["meta"]["tiny"] and report["meta"]["pairs_per_step"] == 2
+    assert report["ceiling"]["tflops"] > 0
+    # eager, then the same trainer with fast_toggles (the proposed host-side change), then raw
+    assert [(r["variant"], r["px"]) for r in report["results"]] == [("eager", 64), ("eager+fast", 64), ("raw", 64)]
+    for r in report["results"]:
+        assert "error" not in r, r
+        assert r["ms_per_step"] > 0 and r["flops_per_step"] > 0 and r["tflops"] > 0
+        assert r["share_of_ceiling"] > 0 and len(r["ms_all"]) == 2 and r["flops_by_op"]
+        assert r["lora_params"] > 0 and r["nonfinite_skipped"] == 0
+    # one FLOP count per resolution, shared by the variants
+    assert len({r["flops_per_step"] for r in report["results"]}) == 1
+
+
+def test_reward_throughput_cpu_reports_batched_and_reload_per_call_items_per_second(tmp_path):
+    out = tmp_path / "reward.json"
+    run_script("reward_throughput.py", "--items", "4", "--reload-calls", "1", "--batch-sizes", "1", "4",
+               "--reps", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"image", "video"}
+    for kind, entry in report["results"].items():
+        assert "error" not in entry, (kind, entry)
+        rows = {r["mode"]: r for r in entry["rows"]}
+        assert set(rows) == {"reload_per_call", "resident_bs1", "resident_bs4"}
+        assert all(r["items_per_s"] > 0 for r in rows.values())
+        assert entry["speedup_best_vs_reload"] > 0 and entry["best_resident"]["items_per_s"] > 0
