@@ -350,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", action="store_true", help="run on the world's video model (VQ / MQ / TA)")
     p.add_argument("--steps", type=int, default=QUICKSTART_DEFAULTS.steps, help="Flow-DPO steps")
     p.add_argument("--num-pair-prompts", type=int, default=QUICKSTART_DEFAULTS.num_pair_prompts,
-                   help="training prompts; two base samples each make one labelled pair")
+                   help="training prompts; each makes one labelled pair")
+    p.add_argument("--pair-k", type=int, default=QUICKSTART_DEFAULTS.pair_k,
+                   help="images: samples per prompt, best vs worst by the oracle is the pair (2: a random pair)")
     p.add_argument("--beta", type=float, default=QUICKSTART_DEFAULTS.beta)
     p.add_argument("--beta-schedule", default="constant", choices=["constant", "one_minus_t_sq"])
     p.add_argument("--lr", type=float, default=QUICKSTART_DEFAULTS.lr)
@@ -379,9 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = world.add_subparsers(dest="world_command", required=True)
     p = wsub.add_parser("build", help="retrain the world's base generators from scratch (CPU, about an hour)")
     p.add_argument("--out", default=None, help="where to write the models (default: the package's shipped assets)")
-    p.add_argument("--only", choices=["vae", "image", "video", "latent-reward"], default=None,
+    p.add_argument("--only", choices=["vae", "image", "video", "latent-reward", "reward"], default=None,
                    help="one stage; vae must exist before image and video, which may run at once; latent-reward "
-                        "(only when named) trains the image model's Flow-NRG latent reward models")
+                        "(only when named) trains the image model's Flow-NRG latent reward models; reward (only "
+                        "when named) the world's PickScore-style and VideoReward-style reward models")
     p.add_argument("--config", default=None, help="YAML file of BuildConfig keys")
     p.add_argument("overrides", nargs="*", help="key=value overrides of BuildConfig (e.g. image_steps=2000)")
     p.set_defaults(func=cmd_world_build)

@@ -65,11 +65,15 @@ def test_sample_online_pairs_keeps_best_vs_worst_of_k(tmp_path, world_adapter):
     assert media.shape[0] == 9 and flat == [p for p in prompts for _ in range(3)]
     scores = np.asarray(base(media, flat)).reshape(3, 3)
     rows = pq.read_table(info["path"]).to_pylist()
-    assert info["num_pairs"] + info["num_ties_dropped"] == 3 == info["num_prompts"]
+    assert info["num_pairs"] == 3 == info["num_prompts"] == len(rows)
     assert info["margin"] == pytest.approx(float(np.mean(scores.max(1) - scores.min(1))))
-    kept = [i for i in range(3) if scores[i].max() > scores[i].min()]
-    assert [r["caption"] for r in rows] == [prompts[i] for i in kept]
-    for r, i in zip(rows, kept):
+    assert [r["caption"] for r in rows] == prompts
+    decided = [i for i in range(3) if scores[i].max() > scores[i].min()]  # tie_margin 0: only equal scores tie
+    assert info["num_ties"] == 3 - len(decided)
+    for i, r in enumerate(rows):
+        if i not in decided:
+            assert r["label_0"] == 0.5
+            continue
         img_0 = np.asarray(Image.open(io.BytesIO(r["jpg_0"])))
         img_1 = np.asarray(Image.open(io.BytesIO(r["jpg_1"])))
         assert np.array_equal(img_0, media[3 * i + scores[i].argmax()])  # PNG is lossless: the exact candidates

@@ -8,7 +8,8 @@ gives a far larger preference margin than a random pair (on the world's base mod
 A scorer is any callable `(media uint8 [N, ...], prompts) -> scores [N]` (higher is better): the world's oracle
 (`world_scorer`, what the simulated annotators see), a reward model (`reward_scorer`), or a weighted combination
 (`genalign.rewards.combine_rewards`). The chosen pair then goes through the simulated annotator (its noise and
-tie margin), so labels are as imperfect as the offline ones; pairs the annotator calls a tie are dropped.
+tie margin), so labels are as imperfect as the offline ones; pairs it calls a tie are written with label 0.5 and
+follow the trainer's tie policy like any other data.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def sample_online_pairs(adapter, prompts: list[str], out_dir: str | Path, *, k: 
                         annotator=None, seed: int = 0, progress: bool = True, **sampling) -> dict:
     """Sample `k` outputs per prompt from `adapter` as it is now (LoRA included), keep best vs worst by `scorer`,
     label the pair with `annotator` (default: the world's simulated annotators) and write Pick-a-Pic parquet
-    (images) under out_dir. Returns {"path", "num_prompts", "num_pairs", "num_ties_dropped", "margin"}."""
+    (images) under out_dir. Returns {"path", "num_prompts", "num_pairs", "num_ties", "margin"}."""
     from ..eval.oracle_eval import generate
     from ..world.annotators import Annotator, png_bytes, write_pickapic_parquet
 
@@ -92,19 +93,17 @@ def sample_online_pairs(adapter, prompts: list[str], out_dir: str | Path, *, k: 
     for i, p in enumerate(prompts):
         a, b = i * k + best[i], i * k + worst[i]
         label = annotator.label(scores[i, best[i]], scores[i, worst[i]])
-        if label == "same":
-            ties += 1
-            continue
-        label_0 = 1.0 if label == "A" else 0.0
+        ties += label == "same"
+        label_0 = {"A": 1.0, "B": 0.0, "same": 0.5}[label]  # ties stay in the data: the trainer's tie_policy decides
         rows.append({"caption": p, "jpg_0": png_bytes(media[a]), "jpg_1": png_bytes(media[b]),
                      "label_0": label_0, "label_1": 1.0 - label_0,
                      "score_0": float(scores[i, best[i]]), "score_1": float(scores[i, worst[i]])})
-    if not rows:
+    if ties == len(rows):
         raise ValueError(f"all {len(prompts)} online pairs were ties: the scorer does not separate the candidates")
     path = Path(out_dir) / "pairs.parquet"
     # Written whole then renamed: a run killed here never leaves a truncated table that a resume would trust.
     os.replace(write_pickapic_parquet(rows, path.with_suffix(".parquet.tmp")), path)
-    return {"path": str(path), "num_prompts": len(prompts), "num_pairs": len(rows), "num_ties_dropped": ties,
+    return {"path": str(path), "num_prompts": len(prompts), "num_pairs": len(rows), "num_ties": int(ties),
             "margin": float(np.mean(scores.max(1) - scores.min(1)))}
 
 
@@ -178,8 +177,8 @@ def train_online(config, adapter=None):
             info = sample_online_pairs(adapter, draw_prompts(pool, config.online_prompts_per_round, seed),
                                        pairs.parent, k=config.online_k, scorer=scorer, seed=seed,
                                        progress=config.progress_bar, **sampling)
-            logger.info("round %d: %d online pairs (%d ties dropped), mean best-worst margin %.3f", r,
-                        info["num_pairs"], info["num_ties_dropped"], info["margin"])
+            logger.info("round %d: %d online pairs (%d ties), mean best-worst margin %.3f", r,
+                        info["num_pairs"], info["num_ties"], info["margin"])
         round_config = dataclasses.replace(
             config, output_dir=str(round_dir), data=str(pairs), online_prompts=None, seed=seed,
             max_steps=min(steps_per_round, config.max_steps - r * steps_per_round),
