@@ -172,15 +172,15 @@ def train_online(config, adapter=None):
         if r > 0 and not _holds_trainable_lora(adapter):
             _load_trainable_lora(adapter, out / f"round-{r - 1}" / "lora")
         pairs = round_dir / "pairs" / "pairs.parquet"
-        seed = config.seed * 1000 + r
+        pair_seed = config.seed + 100 * (r + 1)  # prompts, samples and annotators of round r; the trainer: seed + r
         if not pairs.is_file():
-            info = sample_online_pairs(adapter, draw_prompts(pool, config.online_prompts_per_round, seed),
-                                       pairs.parent, k=config.online_k, scorer=scorer, seed=seed,
+            info = sample_online_pairs(adapter, draw_prompts(pool, config.online_prompts_per_round, pair_seed),
+                                       pairs.parent, k=config.online_k, scorer=scorer, seed=pair_seed,
                                        progress=config.progress_bar, **sampling)
             logger.info("round %d: %d online pairs (%d ties), mean best-worst margin %.3f", r,
                         info["num_pairs"], info["num_ties"], info["margin"])
         round_config = dataclasses.replace(
-            config, output_dir=str(round_dir), data=str(pairs), online_prompts=None, seed=seed,
+            config, output_dir=str(round_dir), data=str(pairs), online_prompts=None, seed=config.seed + r,
             max_steps=min(steps_per_round, config.max_steps - r * steps_per_round),
             reference="adapter", reference_refresh_every=0, resume="latest")
         dataset = load_preference_pairs(str(pairs), tie_policy=config.tie_policy)
