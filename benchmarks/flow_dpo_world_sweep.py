@@ -6,6 +6,16 @@
 
 `train` evaluates base (cached) and aligned models on 64 held-out prompts x 4 samples with the same seeds and
 prints aligned minus base with 95% intervals over prompts. key=value are FlowDPOConfig keys.
+
+The online rows of the README (best vs worst of 8 from the current model) come from the shipped recipe:
+
+    genalign train flow-dpo --config flow_dpo_world_online output_dir=runs/online            # round 0 (shipped)
+    genalign train flow-dpo --config flow_dpo_world_online output_dir=runs/online2 online_rounds=2 max_steps=600
+    genalign train flow-dpo --config flow_dpo_world_online output_dir=runs/online-bt online_prompts=null \
+        data=runs/online/round-0/pairs/pairs.parquet reference=adapter beta_schedule=one_minus_t_sq
+    python benchmarks/flow_dpo_world_sweep.py compare runs/online/lora runs/online-bt/lora --num-prompts 192
+
+`compare` evaluates base and each LoRA on N held-out prompts (64 per template at 192) x 4 samples, same seeds.
 """
 
 from __future__ import annotations
@@ -86,6 +96,21 @@ def train(args) -> None:
           f"diversity ratio {diff['diversity_ratio']:.2f} | last implicit_acc {result.last_metrics.get('implicit_acc')}")
 
 
+def compare_loras(args) -> None:
+    from genalign.world import world_model_path
+    from genalign.world.aligned_build import evaluate_base_vs_aligned
+
+    def fmt(ci):
+        return f"{ci['mean']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]"
+
+    for lora in args.loras:
+        r = evaluate_base_vs_aligned(world_model_path("image"), Path(lora), num_prompts=args.num_prompts)
+        d = r["aligned_minus_base"]
+        print(f"{lora}: TA {r['base_TA']['mean']:.3f} -> {r['aligned_TA']['mean']:.3f}, aligned - base: "
+              f"TA {fmt(d['TA'])} VQ {fmt(d['VQ'])} strict {fmt(d['strict'])}, diversity ratio "
+              f"{r['diversity_ratio']:.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -105,6 +130,10 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--base-cache", default="runs/sweep/base_eval.pkl")
     p.set_defaults(func=train)
+    p = sub.add_parser("compare")
+    p.add_argument("loras", nargs="+")
+    p.add_argument("--num-prompts", type=int, default=192)
+    p.set_defaults(func=compare_loras)
     args = parser.parse_args()
     args.func(args)
 
