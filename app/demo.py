@@ -204,19 +204,33 @@ class DemoModel:
     @classmethod
     def load(cls, model: str | None = None, loras: list[str] | None = None, reward: str | None = None,
              nrg_reward: str | None = None) -> DemoModel:
-        """Load once. model None: the world's image model; loras None: the aligned LoRA shipped with a world model
-        (none for the video model yet); [] = no LoRA. Raises the CLI's user errors (ModelLoadError, ...)."""
+        """Load once. model None: the world's image model. With a world model, loras / reward / nrg_reward None
+        mean the ones shipped with it (when shipped); loras [] = no LoRA. Raises the CLI's user errors."""
         from genalign.cli import load_model
         from genalign.models.base import ModelLoadError
-        from genalign.world import WORLD_MODEL_NAMES, WorldModelMissing, aligned_lora_path
+        from genalign.world import (
+            WORLD_MODEL_NAMES,
+            WorldModelMissing,
+            aligned_lora_path,
+            latent_reward_path,
+            reward_model_path,
+        )
 
-        if loras is None:
-            loras = []
-            if model is None or model in WORLD_MODEL_NAMES:
-                try:
-                    loras = [str(aligned_lora_path(WORLD_MODEL_NAMES.get(model or "world", "image")))]
-                except WorldModelMissing:
-                    pass
+        if model is None or model in WORLD_MODEL_NAMES:
+            # A world model comes with what the world build shipped for it: the aligned LoRA, the learned reward
+            # (scores only) and the noise-aware latent reward (NRG sliders; its scale starts at 0).
+            kind = WORLD_MODEL_NAMES.get(model or "world", "image")
+            shipped = {"loras": lambda: [str(aligned_lora_path(kind))], "reward": lambda: str(reward_model_path(kind)),
+                       "nrg_reward": lambda: str(latent_reward_path(kind))}
+            given = {"loras": loras, "reward": reward, "nrg_reward": nrg_reward}
+            for key, find in shipped.items():
+                if given[key] is None:
+                    try:
+                        given[key] = find()
+                    except WorldModelMissing:
+                        pass
+            loras, reward, nrg_reward = given["loras"], given["reward"], given["nrg_reward"]
+        loras = loras or []
         for flag, p in (("--reward", reward), ("--nrg-reward", nrg_reward)):
             if p is not None and not Path(p).is_dir():
                 raise ModelLoadError(f"{flag} {p!r} is not a folder")
@@ -532,9 +546,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=None,
                    help="LoRA folder in diffusers format (repeatable: one expert slider each); default with a world "
                         "model: the Flow-DPO LoRA shipped with it")
-    p.add_argument("--reward", default=None, help="genalign reward model folder: scores both columns")
+    p.add_argument("--reward", default=None, help="genalign reward model folder: scores both columns (default with a "
+                                                  "world model: the learned reward shipped with it)")
     p.add_argument("--nrg-reward", default=None,
-                   help="noise-aware latent reward model folder: Flow-NRG sliders, one per reward dimension")
+                   help="noise-aware latent reward model folder: Flow-NRG sliders, one per reward dimension "
+                        "(default with the world image model: the shipped latent reward)")
     p.add_argument("--concurrency", type=int, default=1,
                    help="requests processed at once (default 1: the two samplings of a request hold one lock)")
     p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait (default %(default)s)")

@@ -381,10 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = world.add_subparsers(dest="world_command", required=True)
     p = wsub.add_parser("build", help="retrain the world's base generators from scratch (CPU, about an hour)")
     p.add_argument("--out", default=None, help="where to write the models (default: the package's shipped assets)")
-    p.add_argument("--only", choices=["vae", "image", "video", "latent-reward", "reward"], default=None,
+    p.add_argument("--only", choices=["vae", "image", "video", "latent-reward", "reward", "aligned"], default=None,
                    help="one stage; vae must exist before image and video, which may run at once; latent-reward "
                         "(only when named) trains the image model's Flow-NRG latent reward models; reward (only "
-                        "when named) the world's PickScore-style and VideoReward-style reward models")
+                        "when named) the world's PickScore-style and VideoReward-style reward models; aligned (only when "
+                        "named) the online Flow-DPO LoRA that `genalign demo` serves")
     p.add_argument("--config", default=None, help="YAML file of BuildConfig keys")
     p.add_argument("overrides", nargs="*", help="key=value overrides of BuildConfig (e.g. image_steps=2000)")
     p.set_defaults(func=cmd_world_build)

@@ -32,7 +32,7 @@ class QuickstartConfig:
     kind: str = "image"  # image | video
     model: str | None = None  # None: the world's base model of `kind` (another world-language model folder works)
     num_pair_prompts: int = 256  # training prompts -> one labelled pair each
-    pair_k: int = 4  # images: candidates per prompt, best vs worst is the pair (2: a random pair); videos: 2
+    pair_k: int = 8  # images: candidates per prompt, best vs worst is the pair (2: a random pair); videos: 2
     annotator_noise: float = 0.1
     tie_margin: float = 0.05
     eval_prompts: int = 64
@@ -40,7 +40,7 @@ class QuickstartConfig:
     curve_every: int = 100  # steps between the oracle checks of the training curve (0: off)
     curve_prompts: int = 16
     # Flow-DPO
-    steps: int = 400
+    steps: int = 160  # about 10 passes over the pairs: more overfits (README)
     batch_size: int = 16
     lr: float = 3e-4
     beta: float = 100.0

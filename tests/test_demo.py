@@ -80,7 +80,8 @@ def test_the_w_slider_changes_the_aligned_image_and_w0_is_the_base_image(client)
     # the world oracle scores both columns; at w = 0 they agree
     assert set(base_scores["oracle"]) == {"VQ", "TA"} and aligned_scores == base_scores
     assert 0 <= aligned2_scores["oracle"]["TA"] <= 1
-    assert "w 0 " in info0 and "beta/w" in info2 and "beta/2" in info2  # the shipped LoRA has no config.yaml
+    # the shipped LoRA's config.yaml says beta 100: w = 2 acts like KL coefficient 50
+    assert "w 0 " in info0 and "beta/w" in info2 and "100/2 = **50**" in info2
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -186,7 +187,7 @@ def test_in_a_browser_moving_the_slider_changes_the_aligned_image(server, tmp_pa
 
         set_number("w", 2)
         assert find(By.CSS_SELECTOR, "#w input[type=range]").get_attribute("value") == "2"  # the slider moved
-        wait.until(lambda d: "beta/2" in find(By.CSS_SELECTOR, "#kl").text)  # beta / w next to it
+        wait.until(lambda d: "100/2" in find(By.CSS_SELECTOR, "#kl").text)  # beta / w next to it (beta 100)
         find(By.CSS_SELECTOR, "#generate").click()
         wait.until(lambda d: src("aligned") and src("aligned") != first)
         wait.until(lambda d: "w 2 " in find(By.CSS_SELECTOR, "#status").text)

@@ -155,3 +155,28 @@ def test_online_config_errors():
         from genalign.trainers.online_pairs import prompt_pool
 
         prompt_pool("/nonexistent/prompts.txt")
+
+
+def test_aligned_build_stage_ships_a_lora_with_its_config(tmp_path):
+    """`genalign world build --only aligned` at a tiny budget: the LoRA and a portable config.yaml land in the
+    output folder, and the base-vs-aligned evaluation is reported."""
+    import shutil
+
+    import yaml
+
+    from genalign.world import ALIGNED_LORA_DIRS, world_model_path
+    from genalign.world.aligned_build import build_aligned_lora
+    from genalign.world.build import BuildConfig
+
+    out = tmp_path / "assets"
+    shutil.copytree(world_model_path("image"), out / "image-base")
+    overrides = ["online_prompts_per_round=8", "online_k=4", "max_steps=2", "batch_size=2", "checkpoint_every=1",
+                 "progress_bar=false", "report_to=none"]
+    stats = build_aligned_lora(out, BuildConfig(threads=1), workdir=str(tmp_path / "work"), overrides=overrides,
+                               eval_prompts=3, eval_samples_per_prompt=1)
+    lora = out / ALIGNED_LORA_DIRS["image"]
+    assert (lora / "pytorch_lora_weights.safetensors").is_file()
+    config = yaml.safe_load((lora / "config.yaml").read_text())
+    assert config["model"] == "world" and config["beta"] == 100.0 and config["max_steps"] == 2
+    assert stats["eval"]["num_prompts"] == 3 and {"TA", "VQ"} <= set(stats["eval"]["aligned_minus_base"])
+    assert _lora_weights(lora).keys() == _lora_weights(tmp_path / "work" / "lora").keys()

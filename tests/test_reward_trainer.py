@@ -19,8 +19,8 @@ from genalign.trainers.reward import PreloadedPairs, RewardTrainConfig, RewardTr
 from genalign.trainers.reward import main as train_main
 from genalign.world.annotators import (
     Annotator,
-    _png_bytes,
     label_video_pairs,
+    png_bytes,
     write_pickapic_parquet,
     write_videoalign_csv,
 )
@@ -57,7 +57,7 @@ def pickapic_rows(n: int, seed: int, noise: float) -> list[dict]:
         truth = 1.0 if a_wins else 0.0
         label = truth if rng.random() >= noise else rng.choice([x for x in (1.0, 0.0, 0.5) if x != truth])
         a, b = (good, bad) if a_wins else (bad, good)
-        rows.append({"caption": prompt, "jpg_0": _png_bytes(a), "jpg_1": _png_bytes(b), "label_0": label,
+        rows.append({"caption": prompt, "jpg_0": png_bytes(a), "jpg_1": png_bytes(b), "label_0": label,
                      "label_1": 1.0 - label, "oracle_label": "A" if a_wins else "B"})
     return rows
 

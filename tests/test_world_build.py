@@ -100,3 +100,31 @@ def test_shipped_models_come_from_this_build_code(kind):
     cfg = json.loads((shipped_dir / "transformer" / "config.json").read_text())
     for key in ("num_layers", "patch_size", "num_attention_heads", "attention_head_dim"):
         assert json.loads(json.dumps(built.transformer.config[key])) == cfg[key], key
+
+
+def test_latent_reward_stage_trains_ships_and_records_both_models(built, tmp_path):
+    """`genalign world build --only latent-reward` at a tiny budget: pairs of the built image model, the
+    noise-aware model and the clean-latent ablation, shipped next to the models, accuracies in BUILD.json."""
+    from dataclasses import replace
+
+    from genalign.guidance import LatentRewardModel, latent_space_id
+    from genalign.models import load_adapter
+
+    cfg = replace(TINY, latent_reward_pairs=8, latent_reward_heldout_pairs=4, latent_reward_workdir=str(tmp_path),
+                  latent_reward_overrides={"max_steps": 2, "batch_size": 4, "hidden": 8, "depth": 1,
+                                           "eval_timesteps": [0.0, 0.5], "report_to": "none"})
+    build_world(built, cfg, ("latent-reward",))
+    report = json.loads((built / "BUILD.json").read_text())
+    assert {"vae", "image", "video", "latent-reward"} <= set(report)
+    stats = report["latent-reward"]["stats"]
+    assert stats["command"].startswith("genalign world build --only latent-reward")
+    assert stats["pairs_train"]["pairs"] == 8 and not stats["pairs_train"]["reused"]
+    for name, folder in (("noise_aware", "image-latent-reward"), ("clean", "image-latent-reward-clean")):
+        assert stats[name]["shipped"] == folder and stats[name]["bytes"] < 1_000_000
+        assert set(stats[name]["accuracy"]) == {"VQ", "TA"} and set(stats[name]["accuracy"]["TA"]) == {"0", "0.5"}
+        model = LatentRewardModel.from_pretrained(built / folder, latent_space=latent_space_id(
+            load_adapter(built / "image-base")), latent_shape=(4, 16, 16))
+        assert model.config.extra["training"]["noise_aware"] is (name == "noise_aware")
+    # a second build reuses the pairs (same count): only the models are retrained
+    build_world(built, cfg, ("latent-reward",))
+    assert json.loads((built / "BUILD.json").read_text())["latent-reward"]["stats"]["pairs_train"]["reused"]

@@ -9,7 +9,8 @@ Formats
   DatasetDict, or a `save_to_disk` folder, with columns `caption, jpg_0, jpg_1, label_0[, label_1]`. `jpg_*`
   hold image bytes (JPEG/PNG/...), an HF `Image` cell ({"bytes", "path"}) or a path (relative to the parquet's
   folder, or to the `save_to_disk` folder). `label_0` is 1 (A = jpg_0 wins), 0 (B wins) or 0.5 (tie);
-  `label_1`, if present, must equal `1 - label_0`.
+  `label_1`, if present, must equal `1 - label_0`. Other numeric columns of parquet files (the world's `oracle_TA_0`,
+  `oracle_VQ_1` scores) are kept in `PreferencePair.meta` under their own names.
 - **VideoAlign CSV** (videos): columns `path_A, path_B, prompt` and the dimensions `VQ, MQ, TA` (visual
   quality, motion quality, text alignment), each `A`, `B` or `same` (case-insensitive; `tie` is read as
   `same`), and optionally `fps_A, num_frames_A, fps_B, num_frames_B` (kept in `PreferencePair.meta`). Paths
@@ -557,6 +558,7 @@ def _read_pickapic_rows(
     n: int,
     store,
     base_dir: Path | None,
+    extra_cols: Sequence[str] = (),
 ) -> None:
     has_label_1 = "label_1" in columns
     for row in range(n):
@@ -584,7 +586,8 @@ def _read_pickapic_rows(
         except _Bad as e:
             b.bad(e, file=name, row=row)
             continue
-        b.add(file=name, row=row, line=None, prompt=prompt, a=refs[0], b=refs[1], label=label)
+        meta = {c: cheap[c][row] for c in extra_cols if cheap[c][row] is not None}
+        b.add(file=name, row=row, line=None, prompt=prompt, a=refs[0], b=refs[1], label=label, meta=meta)
 
 
 def _read_pickapic_parquet(b: _Builder, path: Path) -> None:
@@ -599,7 +602,8 @@ def _read_pickapic_parquet(b: _Builder, path: Path) -> None:
     _require(path, columns, PICKAPIC_COLUMNS)
     path_cols = [c for c in ("jpg_0", "jpg_1") if _is_string_field(schema.field(c).type)]
     cheap_cols = ["caption", "label_0"] + (["label_1"] if "label_1" in columns else []) + path_cols
-    cheap = pf.read(columns=cheap_cols).to_pydict()
+    extra_cols = _extra_numeric_columns(columns, cheap_cols, lambda c: schema.field(c).type)
+    cheap = pf.read(columns=cheap_cols + extra_cols).to_pydict()
     media_cols = [c for c in ("jpg_0", "jpg_1") if c not in path_cols]
     store = _ParquetStore(path, media_cols) if media_cols else None
     _read_pickapic_rows(
@@ -610,7 +614,22 @@ def _read_pickapic_parquet(b: _Builder, path: Path) -> None:
         n=pf.metadata.num_rows,
         store=store,
         base_dir=path.parent,
+        extra_cols=extra_cols,
     )
+
+
+def _extra_numeric_columns(columns: list[str], taken: list[str], type_of) -> list[str]:
+    """Numeric scalar columns besides the Pick-a-Pic ones (kept in `PreferencePair.meta`)."""
+    import pyarrow as pa
+
+    out = []
+    for c in columns:
+        if c in taken or c in ("jpg_0", "jpg_1"):
+            continue
+        typ = type_of(c)
+        if pa.types.is_integer(typ) or pa.types.is_floating(typ):
+            out.append(c)
+    return out
 
 
 def _pick_split(dsd, split: str | None, name: str):

@@ -25,8 +25,10 @@ Checkpoints: `save_pretrained(dir)` writes `model.safetensors` and `genalign_lat
 the latent-space id and latent shape); `from_pretrained(dir, latent_space=..., latent_shape=...)` refuses a model
 made for another latent space or resolution before anything is sampled.
 
-Training (`genalign train latent-reward`, a later step) uses `pair_loss`: pairs of clean latents noised with the
-SAME t and noise, scored, and compared with the tie-aware BTT (or plain BT) loss of `genalign.losses.reward`.
+Training: `genalign train latent-reward` (`genalign.trainers.latent_reward`) on preference pairs (pairs of clean
+latents noised with the SAME t and noise, scored, and compared with the tie-aware BTT or plain BT loss of
+`genalign.losses.reward`; `pair_loss` below is that loss for one batch) and / or by distilling a clean scorer's
+per-dimension scores (MSE). The world ships one for its image model: `genalign.world.latent_reward_path("image")`.
 """
 
 from __future__ import annotations

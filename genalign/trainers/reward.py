@@ -192,6 +192,8 @@ def build_reward_model(cfg: RewardTrainConfig, fps: float | None = None):
 
     fps = float(cfg.fps or fps or 8.0)
     torch.manual_seed(cfg.seed)
+    if not cfg.model or cfg.model in ("None", "null"):  # a recipe's `model: null` reads as the text None
+        raise ConfigError("config key 'model': give the model to train (world | tiny | a folder), e.g. model=PATH")
     if cfg.model in WORLD_MODELS:
         if cfg.kind == "pickscore":
             if cfg.model == "tiny":

@@ -51,7 +51,8 @@ def evaluate_base_vs_aligned(model_dir: Path, lora_dir: Path, num_prompts: int =
 
 
 def build_aligned_lora(out: Path, cfg, workdir: str = "runs/world-build/aligned",
-                       overrides: list[str] | None = None) -> dict:
+                       overrides: list[str] | None = None, eval_prompts: int = ALIGNED_EVAL_PROMPTS,
+                       eval_samples_per_prompt: int = ALIGNED_EVAL_SAMPLES) -> dict:
     from ..config import load_config
     from ..recipes import recipe_path
     from ..trainers.flow_dpo import FlowDPOConfig
@@ -75,12 +76,16 @@ def build_aligned_lora(out: Path, cfg, workdir: str = "runs/world-build/aligned"
     shutil.copytree(Path(workdir) / "lora", tmp)
     # The last round's resolved config: beta etc. for `genalign demo`'s "beta / w" label.
     last_round = Path(workdir) / f"round-{config.online_rounds - 1}" / "config.yaml"
-    shutil.copy2(last_round, tmp / "config.yaml")
+    import yaml
+
+    run_config = yaml.safe_load(last_round.read_text())
+    run_config["model"] = "world"  # not this machine's absolute path: the shipped model the LoRA belongs to
+    (tmp / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
 
     t1 = time.time()
-    evaluation = evaluate_base_vs_aligned(model_dir, final)
+    evaluation = evaluate_base_vs_aligned(model_dir, final, eval_prompts, eval_samples_per_prompt)
     return {"command": "genalign world build --only aligned", "recipe": ALIGNED_RECIPE, "workdir": workdir,
             "train_s": train_s, "eval_s": time.time() - t1, "eval": evaluation}

@@ -14,7 +14,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,28 @@ class BuildConfig:
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
     threads: int = 0  # 0: torch's default
+    # stage "latent-reward" (not part of the default build): pairs of the built image model, then two latent
+    # reward models (noise-aware, and the clean-latent ablation) trained with this recipe
+    latent_reward_pairs: int = 4096
+    latent_reward_heldout_pairs: int = 1024
+    latent_reward_recipe: str = "latent_reward_world"
+    latent_reward_overrides: dict = field(default_factory=dict)  # recipe keys, e.g. {"max_steps": 500}
+    latent_reward_workdir: str = "runs/world-build/latent-reward"  # pairs and training runs (never shipped)
+    # stage "reward" (only when named; genalign.world.reward_build): the world's learned reward models. Image pairs
+    # are the latent-reward stage's (same folder, seeds and counts), reused when present
+    reward_kinds: tuple[str, ...] = ("image", "video")
+    reward_workdir: str = "runs/world-build/reward"  # caption pool runs, video pairs, training runs (never shipped)
+    reward_image_pairs: int = 4096
+    reward_image_heldout_pairs: int = 1024
+    reward_clip_recipe: str = "world_clip_pretrain"  # stage 1: the world CLIP
+    reward_clip_overrides: dict = field(default_factory=dict)  # its recipe keys, e.g. {"max_steps": 500}
+    reward_pickscore_recipe: str = "reward_pickscore_world_pretrained"  # stage 2: PickScore fine-tuning
+    reward_pickscore_overrides: dict = field(default_factory=dict)
+    reward_video_pairs: int = 768  # video pairs cost about 1 s each on 2 busy cores (sampling, oracle, MP4)
+    reward_video_heldout_pairs: int = 192
+    reward_video_recipe: str = "reward_videoreward_world"
+    reward_video_overrides: dict = field(default_factory=lambda: {"max_steps": 400})  # 8 epochs of 768 pairs
+    reward_compare: bool = True  # also train PickScore from scratch and the video model with plain BT (the report)
 
 
 def small_vae(seed: int):
@@ -229,6 +251,8 @@ def save_pipeline(pipe, out: Path, sampling: dict | None = None) -> None:
 
 
 STAGES = ("vae", "image", "video")
+# Stages run only when named (`--only latent-reward`): they need a built image model and add a model on top.
+EXTRA_STAGES = ("latent-reward", "reward", "aligned")
 
 
 def build_world(out_dir: Path, cfg: BuildConfig, which: tuple[str, ...] = STAGES) -> dict:
@@ -251,8 +275,18 @@ def build_world(out_dir: Path, cfg: BuildConfig, which: tuple[str, ...] = STAGES
             from .video import build_video_model
 
             stats = build_video_model(out_dir / "video-base", out_dir / "autoencoder", cfg)
+        elif kind == "latent-reward":
+            stats = build_latent_reward(out_dir, cfg)
+        elif kind == "aligned":
+            from .aligned_build import build_aligned_lora
+
+            stats = build_aligned_lora(out_dir, cfg)
+        elif kind == "reward":
+            from .reward_build import build_reward_models
+
+            stats = build_reward_models(out_dir, cfg)
         else:
-            raise ValueError(f"unknown build stage {kind!r} (one of {', '.join(STAGES)})")
+            raise ValueError(f"unknown build stage {kind!r} (one of {', '.join(STAGES + EXTRA_STAGES)})")
         stats["total_s"] = time.time() - t0
         report[kind] = {"config": asdict(cfg), "stats": stats, "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "machine": platform.machine()}
@@ -267,3 +301,140 @@ def _merge_report(path: Path, kind: str, entry: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------------ latent reward
+LATENT_REWARD_MAX_BYTES = 2_000_000  # the shipped noise-aware model must stay small
+LATENT_REWARD_CLEAN_MAX_BYTES = 1_000_000  # the clean ablation is shipped only below this
+
+
+def make_world_pairs(model_dir: Path, num_pairs: int, split: str, seed: int, out: Path, noise: float = 0.10,
+                     tie_margin: float = 0.05) -> Path:
+    """Labelled image pairs of a world image model, exactly as `genalign world pairs --kind image --num-pairs N
+    --split SPLIT --seed S --out OUT --model MODEL_DIR` writes them (same prompts, seeds and annotators)."""
+    import random
+
+    from ..models import load_adapter
+    from . import resolve_model
+    from .annotators import Annotator, make_preference_data
+    from .grammar import image_splits
+
+    path, adapter_kwargs, defaults = resolve_model(str(model_dir), "image")
+    adapter = load_adapter(path, **adapter_kwargs)
+    pool = image_splits().train if split == "train" else image_splits().heldout
+    prompts = [random.Random(seed + i).choice(pool) for i in range(num_pairs)]
+    sampling = {k: defaults[k] for k in ("num_steps", "guidance_scale", "height", "width")}
+    return make_preference_data(adapter, "image", prompts, out, Annotator(tie_margin=tie_margin, noise=noise, seed=seed),
+                                seed=seed, **sampling)
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def build_latent_reward(out: Path, cfg: BuildConfig) -> dict:
+    """Stage `latent-reward`: the noise-aware latent reward model (VQ, TA) of the world's image model for
+    Flow-NRG, and its clean-latent ablation (paper Table 7), shipped as `image-latent-reward/` and (if under
+    1 MB) `image-latent-reward-clean/`.
+
+    1. pairs of `out/image-base` (reused when already in the work folder): `latent_reward_pairs` training
+       pairs (seed `seed`) and `latent_reward_heldout_pairs` held-out pairs (seed `seed + 1`);
+    2. two runs of `genalign train latent-reward --config <latent_reward_recipe>`: noise_aware=true and false;
+    3. their held-out accuracies per dimension and t (against the oracle) go to BUILD.json."""
+    import shutil
+
+    from ..config import load_config
+    from ..recipes import recipe_path
+    from ..trainers.latent_reward import LatentRewardTrainConfig, LatentRewardTrainer
+    from . import ASSETS, LATENT_REWARD_DIRS
+
+    command = "genalign world build --only latent-reward"
+    defaults = BuildConfig()
+    for key in ("seed", "threads", "latent_reward_pairs", "latent_reward_heldout_pairs", "latent_reward_recipe",
+                "latent_reward_workdir", "latent_reward_overrides"):
+        if getattr(cfg, key) != getattr(defaults, key):
+            value = getattr(cfg, key)
+            command += f" '{key}={json.dumps(value) if isinstance(value, dict) else value}'"
+    stats: dict = {"command": command}
+    work = Path(cfg.latent_reward_workdir)
+    model_dir = Path(out) / "image-base"
+    if not (model_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"no world image model at {model_dir}: build it first (`genalign world build --only image`)")
+    shipped_model = model_dir.resolve() == (ASSETS / "image-base").resolve()
+    model_arg = "world" if shipped_model else str(model_dir)  # as recorded in BUILD.json
+    data = {}
+    for split, n, seed in (("train", cfg.latent_reward_pairs, cfg.seed), ("heldout", cfg.latent_reward_heldout_pairs,
+                                                                           cfg.seed + 1)):
+        folder = work / f"pairs-{split}"
+        parquet = folder / "pairs.parquet"
+        t0, c0 = time.time(), time.process_time()
+        reused = parquet.is_file() and _num_rows(parquet) == n
+        if not reused:
+            make_world_pairs(model_dir, n, split, seed, folder)
+        data[split] = str(parquet)
+        stats[f"pairs_{split}"] = {"path": str(parquet), "pairs": n, "seed": seed, "reused": reused,
+                                   "seconds": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
+                                   "command": "genalign world pairs --kind image "
+                                              + ("" if shipped_model else f"--model {model_dir} ") + f"--num-pairs {n} "
+                                              f"--split {split} --seed {seed} --out {folder}"}
+    recipe = cfg.latent_reward_recipe
+    recipe_file = recipe if Path(recipe).is_file() else str(recipe_path(recipe))
+    for name, clean in (("noise_aware", False), ("clean", True)):
+        run_dir = work / name.replace("_", "-")
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        overrides = [f"model={model_arg}", f"data={data['train']}", f"eval_data={data['heldout']}",
+                     f"output_dir={run_dir}", f"noise_aware={'false' if clean else 'true'}", f"seed={cfg.seed}",
+                     "progress_bar=false"]
+        overrides += [f"{k}={_override_text(v)}" for k, v in cfg.latent_reward_overrides.items()]
+        if cfg.threads:
+            overrides.append(f"num_threads={cfg.threads}")
+        t0, c0 = time.time(), time.process_time()
+        trainer = LatentRewardTrainer.from_config(load_config(LatentRewardTrainConfig, recipe_file, overrides))
+        result = trainer.train()
+        final = Path(result.final_model_dir)
+        size = _folder_bytes(final)
+        limit = LATENT_REWARD_CLEAN_MAX_BYTES if clean else LATENT_REWARD_MAX_BYTES
+        target = Path(out) / LATENT_REWARD_DIRS[("image", clean)]
+        shipped = size < limit
+        if shipped:
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(final, tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        elif not clean:
+            raise RuntimeError(f"the noise-aware latent reward model has {size} bytes, over the {limit}-byte limit "
+                               "of a shipped asset: make it smaller in the recipe (hidden, depth)")
+        ev = trainer.eval_result or {}
+        stats[name] = {
+            "recipe": recipe, "overrides": overrides, "seconds": round(time.time() - t0, 1),
+            "cpu_s": round(time.process_time() - c0, 1), "bytes": size,
+            "shipped": str(target.name) if shipped else None, "train_run": str(run_dir),
+            "final_metrics": {k: v for k, v in result.last_metrics.items() if isinstance(v, (int, float))},
+            "heldout_pairs": ev.get("pairs"), "eval_tie_margin": ev.get("tie_margin"),
+            # held-out pairwise accuracy vs the oracle's per-dimension preference, per dim and t: both items noised
+            # with the same noise (as in training) / independently; and against the annotators' overall label
+            "accuracy": {d: {t: {k: m.get(k) for k in ("oracle", "oracle_independent", "labels", "oracle_pairs")}
+                             for t, m in per_t.items()} for d, per_t in ev.get("accuracy", {}).items()},
+        }
+    return stats
+
+
+def _override_text(value) -> str:
+    """A recipe override value as `key=value` text (lists comma-separated, mappings as JSON)."""
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _num_rows(parquet: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(parquet).metadata.num_rows
+    except Exception:  # noqa: BLE001 - an unreadable file is regenerated
+        return -1

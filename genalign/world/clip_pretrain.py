@@ -1,0 +1,424 @@
+"""Stage 1 of the world's PickScore-style reward: a world CLIP, pretrained contrastively on captioned renders.
+
+PickScore (arXiv 2305.01569) fine-tunes a CLIP that was first pretrained on a large captioned corpus; a CLIP
+trained from scratch on a few thousand preference pairs does not learn composition (measured on the world: 56%
+without ties against a 92% ceiling). This module is the world's analogue of that pretraining: CLIP's InfoNCE
+(`genalign.losses.clip_contrastive_loss`) on image-caption pairs that are cheap to make in quantity.
+
+The caption pool (`make_caption_pool`) draws train-split prompts only (held-out prompts are never rendered) and
+makes *groups* of pictures:
+
+- the prompt's render, captioned with the prompt; with probability `degraded` degraded the way the generators'
+  corpus is (blur, noise, artefacts, malformed shapes), with probability `wrong_caption` captioned wrongly (one
+  attribute swapped: the corpus's caption noise);
+- with `hard_negatives`, a render of a *hard-negative* prompt: the same template with one thing changed (a
+  colour, a shape, the count, or the relation's order), also from the train split. The two share a batch, so
+  each caption must prefer its own picture over a near miss and vice versa: composition, not bags of words;
+- with probability `quality_negatives`, a degraded copy of a clean render, with the same caption but not a
+  positive of it in the text -> image direction: the caption learns to prefer the clean picture (the quality
+  side of a preference), while the copy still matches its caption better than any other caption;
+- with probability `autoencoder`, every picture of the group goes through the world autoencoder's round trip
+  (encode, decode), so the pictures look like the generators' outputs (which the autoencoder decodes).
+
+`CLIPPretrainTrainer` runs on the shared training loop (checkpoints, resume, metrics.jsonl, accelerate) and
+saves the CLIP as a transformers CLIP folder (`save_pretrained`, safetensors) with the world's tokenizer and an
+image processor config, the layout PickScore is published in: `genalign train reward --kind pickscore
+model=<run>/clip` fine-tunes it (stage 2), `genalign.rewards.load_reward_model(<run>/clip)` scores with it.
+
+    from genalign.world.clip_pretrain import CLIPPretrainConfig, CLIPPretrainTrainer
+    trainer = CLIPPretrainTrainer.from_config(CLIPPretrainConfig(output_dir="runs/world-clip"))
+    trainer.train()                                # runs/world-clip/clip/: the pretrained CLIP folder
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ConfigError
+from ..trainers.loop import TrainConfig, Trainer, eval_mode, option
+from .corpus import miscaption
+from .grammar import image_splits, parse_prompt
+from .render import IMAGE_CORRUPTIONS, corrupt_image, render_image, to_uint8
+
+logger = logging.getLogger("genalign.world")
+
+CHUNK_GROUPS = 1000  # groups per seeded chunk: the pool is the same whatever the number of workers
+DEFAULT_TEMPLATE_MIX = {"single": 0.2, "count": 0.2, "relation": 0.6}
+
+
+@dataclass
+class CLIPPretrainConfig(TrainConfig):
+    output_dir: str = option("runs/world-clip", "run folder: checkpoints, metrics.jsonl, config.yaml, clip/")
+    max_steps: int = option(2500, "optimizer steps")
+    batch_size: int = option(256, "groups per batch (each group: a render, its hard negative and maybe degraded "
+                                  "copies: about 2.9 pictures per group)")
+    lr: float = option(1e-3, "peak learning rate (AdamW)")
+    lr_scheduler: str = option("cosine", "LR schedule after warmup")
+    warmup_steps: int = option(200, "linear warmup steps")
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    checkpoint_every: int = option(1000, "checkpoint every N steps")
+    keep_checkpoints: int = option(1, "checkpoints kept")
+    log_every: int = option(50, "log every N steps")
+    # the caption pool
+    pool_groups: int = option(20000, "groups in the pre-rendered caption pool (train-split prompts only)")
+    pool_seed: int | None = option(None, "seed of the pool (None: seed)")
+    pool_workers: int = option(1, "processes rendering the pool (the pool does not depend on it)")
+    template_mix: dict[str, float] = option(  # noqa: RUF009 - option() copies a dict default (default_factory)
+        DEFAULT_TEMPLATE_MIX, "share of single / count / relation prompts")
+    hard_negatives: bool = option(True, "add a render of a one-attribute-swapped train prompt to every group")
+    wrong_caption: float = option(0.0, "share of renders captioned wrongly (the corpus's caption noise; 0.25 there)")
+    degraded: float = option(0.2, "share of renders degraded like the corpus's (captioned normally)")
+    quality_negatives: float = option(0.5, "share of clean renders that get a degraded copy as a text -> image "
+                                           "negative of their caption")
+    autoencoder: float = option(0.5, "share of groups passed through the world autoencoder's round trip")
+    autoencoder_path: str | None = option(None, "the autoencoder folder (None: the shipped world autoencoder)")
+    # the model (a transformers CLIPModel with the world's word-level tokenizer)
+    clip_width: int = option(64, "hidden size of both towers")
+    clip_layers: int = option(3, "layers per tower")
+    clip_heads: int = option(4, "attention heads")
+    clip_patch_size: int = option(4, "ViT patch size (32x32 renders)")
+    clip_projection_dim: int = option(32, "joint embedding size")
+    eval_images: int = option(512, "held-out-prompt renders for the zero-shot check at the end (0: none)")
+
+    def __post_init__(self):
+        super().__post_init__()
+
+        def bad(key, msg):
+            raise ConfigError(f"config key {key!r}: {msg}")
+
+        for key in ("wrong_caption", "degraded", "quality_negatives", "autoencoder"):
+            if not 0 <= getattr(self, key) <= 1:
+                bad(key, f"must be in [0, 1], got {getattr(self, key)}")
+        if self.pool_groups < self.batch_size:
+            bad("pool_groups", f"must be >= batch_size ({self.batch_size}), got {self.pool_groups}")
+        if not isinstance(self.template_mix, dict) or not any(v > 0 for v in self.template_mix.values()):
+            bad("template_mix", f"expected e.g. {DEFAULT_TEMPLATE_MIX}, got {self.template_mix!r}")
+        unknown = set(self.template_mix) - {"single", "count", "relation"}
+        if unknown:
+            bad("template_mix", f"unknown templates {sorted(unknown)} (single, count, relation)")
+        if self.pool_workers < 1:
+            bad("pool_workers", f"must be >= 1, got {self.pool_workers}")
+
+
+# ------------------------------------------------------------------------------------------------ the pool
+def hard_negative_prompt(prompt: str, rng: random.Random, allowed: set[str] | None = None, tries: int = 50) -> str:
+    """A prompt of the same template as `prompt` with one thing changed (`corpus.miscaption`: a colour, a shape,
+    the count or the relation's order), drawn from `allowed` when given (e.g. the train split)."""
+    for _ in range(tries):
+        other = miscaption(prompt, rng)
+        if other != prompt and (allowed is None or other in allowed):
+            return other
+    # a prompt whose near misses are all outside `allowed` (rare): any other allowed prompt of its template
+    template = parse_prompt(prompt).template
+    pool = sorted(p for p in (allowed or ()) if p != prompt and parse_prompt(p).template == template)
+    if not pool:
+        raise ValueError(f"no hard negative for {prompt!r} in the allowed prompts")
+    return rng.choice(pool)
+
+
+@dataclass
+class CaptionPool:
+    """Pre-rendered pictures and captions, grouped: group g holds pictures group_start[g]:group_start[g + 1]."""
+
+    images: np.ndarray  # uint8 (K, 32, 32, 3)
+    captions: list[str]  # (K,) the caption of each picture
+    positive: np.ndarray  # bool (K,): a text -> image positive of its caption (False: a quality negative)
+    group_start: np.ndarray  # int (G + 1,)
+    autoencoded: np.ndarray  # bool (K,)
+
+    def __len__(self) -> int:
+        return len(self.group_start) - 1
+
+    def group(self, g: int) -> dict[str, Any]:
+        a, b = int(self.group_start[g]), int(self.group_start[g + 1])
+        return {"images": self.images[a:b], "captions": self.captions[a:b], "positive": self.positive[a:b]}
+
+
+def _render_chunk(args) -> tuple[np.ndarray, list[str], list[bool], list[int], list[bool]]:
+    """Groups [start, start + n) of a pool: (images, captions, positive, group sizes, autoencoder flags per
+    group). Seeded by (seed, start), so the pool does not depend on how it was split over processes."""
+    seed, start, n, opts = args
+    rng = random.Random(f"{seed}-{start}")
+    nrng = np.random.default_rng([seed, start])
+    train = image_splits().train
+    allowed = set(train)
+    by_template: dict[str, list[str]] = {}
+    for p in train:
+        by_template.setdefault(parse_prompt(p).template, []).append(p)
+    mix = {t: w for t, w in opts["template_mix"].items() if w > 0}
+    images, captions, positive, sizes, ae = [], [], [], [], []
+    for _ in range(n):
+        template = rng.choices(list(mix), weights=list(mix.values()))[0]
+        prompt = rng.choice(by_template[template])
+        prompts = [prompt]
+        if opts["hard_negatives"]:
+            prompts.append(hard_negative_prompt(prompt, rng, allowed))
+        count = 0
+        for q in prompts:
+            clean = render_image(q, nrng)
+            caption = miscaption(q, rng) if rng.random() < opts["wrong_caption"] else q
+            degraded = rng.random() < opts["degraded"]
+            img = corrupt_image(clean, rng.choice(IMAGE_CORRUPTIONS), nrng) if degraded else clean
+            images.append(to_uint8(img))
+            captions.append(caption)
+            positive.append(True)
+            count += 1
+            if not degraded and rng.random() < opts["quality_negatives"]:
+                images.append(to_uint8(corrupt_image(clean, rng.choice(IMAGE_CORRUPTIONS), nrng)))
+                captions.append(caption)
+                positive.append(False)
+                count += 1
+        sizes.append(count)
+        ae.append(rng.random() < opts["autoencoder"])
+    return np.stack(images), captions, positive, sizes, ae
+
+
+@torch.no_grad()
+def autoencoder_round_trip(images: np.ndarray, vae, batch_size: int = 1024, device: str | torch.device = "cpu"
+                           ) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> the autoencoder's reconstructions (posterior mean, decoded), uint8."""
+    out = np.empty_like(images)
+    vae = vae.to(device)
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        out[i:i + batch_size] = ((y.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return out
+
+
+def load_world_autoencoder(path: str | Path | None = None):
+    from diffusers import AutoencoderKL
+
+    from . import ASSETS
+
+    path = Path(path) if path else ASSETS / "autoencoder"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no world autoencoder at {path} (`genalign world build --only vae`)")
+    return AutoencoderKL.from_pretrained(path).eval().requires_grad_(False)
+
+
+def make_caption_pool(groups: int, seed: int = 0, *, template_mix: dict[str, float] | None = None,
+                      hard_negatives: bool = True, wrong_caption: float = 0.0, degraded: float = 0.2,
+                      quality_negatives: float = 0.5, autoencoder: float = 0.5, vae=None, workers: int = 1,
+                      device: str | torch.device = "cpu") -> CaptionPool:
+    """The caption pool (module docstring). `vae`: the autoencoder for the round trip (loaded from the world's
+    assets when `autoencoder > 0` and none is given)."""
+    opts = {"template_mix": dict(template_mix or DEFAULT_TEMPLATE_MIX), "hard_negatives": hard_negatives,
+            "wrong_caption": wrong_caption, "degraded": degraded, "quality_negatives": quality_negatives,
+            "autoencoder": autoencoder}
+    jobs = [(seed, s, min(CHUNK_GROUPS, groups - s), opts) for s in range(0, groups, CHUNK_GROUPS)]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            parts = pool.map(_render_chunk, jobs)
+    else:
+        parts = [_render_chunk(j) for j in jobs]
+    images = np.concatenate([p[0] for p in parts])
+    captions = [c for p in parts for c in p[1]]
+    positive = np.array([x for p in parts for x in p[2]], dtype=bool)
+    sizes = np.array([x for p in parts for x in p[3]], dtype=np.int64)
+    group_ae = np.array([x for p in parts for x in p[4]], dtype=bool)
+    group_start = np.concatenate([[0], np.cumsum(sizes)])
+    autoencoded = np.repeat(group_ae, sizes)
+    if autoencoded.any():
+        vae = vae if vae is not None else load_world_autoencoder()
+        images[autoencoded] = autoencoder_round_trip(images[autoencoded], vae, device=device)
+    return CaptionPool(images, captions, positive, group_start, autoencoded)
+
+
+class CaptionPoolDataset(torch.utils.data.Dataset):
+    """One item per group of a `CaptionPool`."""
+
+    def __init__(self, pool: CaptionPool):
+        self.pool = pool
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __getitem__(self, g: int) -> dict[str, Any]:
+        return self.pool.group(g)
+
+
+def collate_caption_groups(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """Groups -> {"pixels": float (N, 3, H, W) in [0, 1], "captions": the M distinct captions, "image_caption":
+    long (N,), "text_positive": bool (M, N)} for `clip_contrastive_loss`."""
+    images = np.concatenate([g["images"] for g in groups])
+    captions = [c for g in groups for c in g["captions"]]
+    positive = np.concatenate([np.asarray(g["positive"], dtype=bool) for g in groups])
+    distinct = list(dict.fromkeys(captions))
+    index = {c: j for j, c in enumerate(distinct)}
+    image_caption = torch.tensor([index[c] for c in captions], dtype=torch.long)
+    text_positive = (image_caption[None, :] == torch.arange(len(distinct))[:, None]) & torch.from_numpy(positive)[None, :]
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    return {"pixels": pixels, "captions": distinct, "image_caption": image_caption, "text_positive": text_positive}
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+def world_clip(cfg: CLIPPretrainConfig):
+    """The random-init world CLIP (a `CLIPReward` around a transformers CLIPModel) of the config's sizes."""
+    from ..trainers.reward import world_clip_reward
+
+    return world_clip_reward(cfg.seed, 32, cfg.clip_width, cfg.clip_layers, cfg.clip_heads, cfg.clip_patch_size,
+                             cfg.clip_projection_dim)
+
+
+def save_clip_folder(model, directory: Path) -> None:
+    """A transformers CLIP folder (PickScore's layout): the CLIPModel (safetensors), the tokenizer and
+    preprocessor_config.json. `CLIPReward._save_weights` writes exactly these files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model._save_weights(directory)
+
+
+class CLIPPretrainTrainer(Trainer):
+    """CLIP InfoNCE on a caption pool; the final model is `output_dir/clip/` (a transformers CLIP folder)."""
+
+    config_class = CLIPPretrainConfig
+    model_subdir = "clip"
+
+    def __init__(self, model, config: CLIPPretrainConfig, pool: CaptionPool):
+        if not isinstance(config, CLIPPretrainConfig):
+            raise TypeError(f"config must be a CLIPPretrainConfig, got {type(config).__name__}")
+        self.pool = pool
+        self.zero_shot: dict[str, float] | None = None
+        super().__init__(config, model=model, train_dataset=CaptionPoolDataset(pool),
+                         collate_fn=collate_caption_groups)
+
+    def prepare_model(self) -> None:
+        self.model.requires_grad_(True)
+        self.model.to(self.device)
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        from ..losses import clip_contrastive_loss
+
+        image_features = self.model.encode_images(batch["pixels"])
+        text_features = self.model.encode_text(batch["captions"])
+        loss, stats = clip_contrastive_loss(image_features, text_features, self.model.clip.logit_scale,
+                                            batch["image_caption"], batch["text_positive"])
+        stats["logit_scale"] = self.model.clip.logit_scale.detach().exp()
+        stats["images"] = float(len(batch["pixels"]))
+        return loss, stats
+
+    def on_step_end(self, step: int) -> None:
+        with torch.no_grad():  # CLIP clamps the temperature at 100
+            self.model.clip.logit_scale.clamp_(0, float(np.log(100.0)))
+
+    def save_model(self, directory: Path) -> None:
+        save_clip_folder(self.model, directory)
+
+    def train(self, stop_at_step: int | None = None):
+        result = super().train(stop_at_step)
+        if result.final_model_dir is not None and self.config.eval_images and self.is_main:
+            self.zero_shot = zero_shot_check(self.model, self.config.eval_images, seed=self.config.seed)
+            logger.info("zero-shot on held-out prompts: %s", self.zero_shot)
+            self._append({"step": self.state.step, **{f"zero_shot/{k}": v for k, v in self.zero_shot.items()}})
+        return result
+
+    def _append(self, record: dict[str, Any]) -> None:
+        import json
+
+        with open(self.output_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    @classmethod
+    def from_config(cls, config: CLIPPretrainConfig, vae=None) -> CLIPPretrainTrainer:
+        """Render the caption pool and build the model, then the trainer."""
+        import time
+
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        t0 = time.time()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if config.autoencoder > 0 and vae is None:
+            vae = load_world_autoencoder(config.autoencoder_path)
+        pool = make_caption_pool(
+            config.pool_groups, config.seed if config.pool_seed is None else config.pool_seed,
+            template_mix=config.template_mix, hard_negatives=config.hard_negatives,
+            wrong_caption=config.wrong_caption, degraded=config.degraded, quality_negatives=config.quality_negatives,
+            autoencoder=config.autoencoder, vae=vae, workers=config.pool_workers, device=device)
+        logger.info("caption pool: %d groups, %d pictures (%d quality negatives, %d autoencoded) in %.0f s",
+                    len(pool), len(pool.images), int((~pool.positive).sum()), int(pool.autoencoded.sum()),
+                    time.time() - t0)
+        trainer = cls(world_clip(config), config, pool)
+        trainer.pool_seconds = time.time() - t0
+        return trainer
+
+
+# ------------------------------------------------------------------------------------------------ checks
+@torch.no_grad()
+def zero_shot_check(model, n: int = 512, seed: int = 0, vae=None) -> dict[str, float]:
+    """Zero-shot checks of a CLIP reward on renders of HELD-OUT prompts, half of them through the autoencoder:
+
+    - `caption`: share of pictures scored higher with their prompt than with a one-attribute-swapped prompt;
+    - `image`: share of prompts that score their own picture above the picture of a swapped prompt;
+    - `quality`: share of prompts that score a clean picture above a degraded copy of it."""
+    rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    held = image_splits().heldout
+    every = None  # hard negatives among all prompts of the language: held-out ones are not in the train split
+    prompts = [rng.choice(held) for _ in range(n)]
+    negatives = [hard_negative_prompt(p, rng, every) for p in prompts]
+    clean = np.stack([to_uint8(render_image(p, nrng)) for p in prompts])
+    other = np.stack([to_uint8(render_image(q, nrng)) for q in negatives])
+    bad = np.stack([to_uint8(corrupt_image(c.astype(np.float32) / 255, rng.choice(IMAGE_CORRUPTIONS), nrng))
+                    for c in clean])
+    half = np.arange(n) % 2 == 1
+    vae = vae if vae is not None else load_world_autoencoder()
+    device = model.device
+    for arr in (clean, other, bad):
+        arr[half] = autoencoder_round_trip(arr[half], vae, device=device)
+    with eval_mode(model):
+        before = model.normalize
+        model.normalize = False
+        try:
+            s = lambda media, ps: model.score_dict(list(media), ps)["score"].float().cpu().numpy()
+            own, swapped = s(clean, prompts), s(clean, negatives)
+            other_img, degraded_img = s(other, prompts), s(bad, prompts)
+        finally:
+            model.normalize = before
+    return {"caption": float((own > swapped).mean()), "image": float((own > other_img).mean()),
+            "quality": float((own > degraded_img).mean()), "n": n}
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def main(argv: list[str] | None = None) -> int:
+    """`python -m genalign.world.clip_pretrain [--config RECIPE] [key=value ...]`: stage 1 alone (the recipe
+    world_clip_pretrain by default); the CLIP folder is written to output_dir/clip."""
+    import argparse
+    import sys
+
+    from ..config import load_config
+    from ..trainers.flow_dpo import _recipe_arg
+    from ..trainers.loop import config_help
+
+    parser = argparse.ArgumentParser(prog="python -m genalign.world.clip_pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="world_clip_pretrain", help="YAML recipe (default: world_clip_pretrain)")
+    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
+    args = parser.parse_args(argv)
+    if args.help_config:
+        print(config_help(CLIPPretrainConfig))
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("genalign").setLevel(logging.INFO)
+    try:
+        config = load_config(CLIPPretrainConfig, _recipe_arg(args.config), args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainer = CLIPPretrainTrainer.from_config(config)
+    result = trainer.train()
+    print(f"done: step {result.step}, CLIP folder at {result.final_model_dir}; zero-shot on held-out prompts: "
+          f"{trainer.zero_shot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

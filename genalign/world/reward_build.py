@@ -1,0 +1,265 @@
+"""Stage `reward` of `genalign world build`: the world's learned reward models, shipped in the assets folder.
+
+    genalign world build --only reward [key=value ...]      # BuildConfig keys reward_* (genalign.world.build)
+
+1. Labelled pairs of the built base models, exactly as `genalign world pairs` writes them (same prompts, seeds
+   and simulated annotators): image pairs `reward_image_pairs` (train split, seed `seed`) and
+   `reward_image_heldout_pairs` (held-out split, seed `seed + 1`), shared with the latent-reward stage (same
+   folder, reused when present); video pairs likewise under `reward_workdir`.
+2. Image, PickScore's two stages: a world CLIP pretrained contrastively on captioned renders
+   (`genalign.world.clip_pretrain`, recipe `reward_clip_recipe`), then PickScore fine-tuning on the image pairs
+   (`genalign train reward --kind pickscore`, recipe `reward_pickscore_recipe`, `model=<the CLIP folder>`).
+   With `reward_compare`, the same fine-tuning from a random-init CLIP is trained too (the ablation).
+3. Video: a VideoReward-style model (tiny Qwen2-VL, recipe `reward_video_recipe`, BTT loss); with
+   `reward_compare` also plain BT on the same pairs.
+4. Held-out accuracies (without / with ties, chance, ceiling; `genalign.eval.reward_eval`) of every model go to
+   BUILD.json; the PickScore model is shipped as `image-reward/`, the video model as `video-reward/` when one of
+   its dimensions is above chance by more than two standard errors. Each must be under 5 MB.
+
+Every training goes through the same trainer classes as the commands (`RewardTrainer`, `CLIPPretrainTrainer`);
+the pairs go through `genalign.world.annotators.make_preference_data`, as `genalign world pairs` does.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("genalign.world")
+
+REWARD_MAX_BYTES = 5_000_000
+
+
+def make_pairs(model_dir: Path, kind: str, num_pairs: int, split: str, seed: int, out: Path, noise: float = 0.10,
+               tie_margin: float = 0.05) -> Path:
+    """Labelled pairs of a world model, as `genalign world pairs --kind KIND --model MODEL_DIR --num-pairs N
+    --split SPLIT --seed S --out OUT` writes them: prompts `Random(seed + i).choice(split)`, the model's sampling
+    defaults, `Annotator(tie_margin, noise, seed)`."""
+    from ..models import load_adapter
+    from . import resolve_model
+    from .annotators import Annotator, make_preference_data
+    from .grammar import image_splits, video_splits
+
+    path, adapter_kwargs, defaults = resolve_model(str(model_dir), kind)
+    adapter = load_adapter(path, **adapter_kwargs)
+    splits = image_splits() if kind == "image" else video_splits()
+    pool = splits.train if split == "train" else splits.heldout
+    prompts = [random.Random(seed + i).choice(pool) for i in range(num_pairs)]
+    keys = ("num_steps", "guidance_scale", "height", "width") + (("num_frames",) if kind == "video" else ())
+    sampling = {k: defaults[k] for k in keys}
+    return make_preference_data(adapter, kind, prompts, out, Annotator(tie_margin=tie_margin, noise=noise, seed=seed),
+                                seed=seed, **sampling)
+
+
+def count_pairs(path: Path) -> int:
+    """Rows of a pairs file (parquet or CSV); -1 when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        return -1
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+        with open(path, newline="") as fh:
+            return sum(1 for _ in csv.DictReader(fh))
+    except Exception:  # noqa: BLE001 - an unreadable file is regenerated
+        return -1
+
+
+def pairs_command(kind: str, model_dir: Path, n: int, split: str, seed: int, folder: Path) -> str:
+    return (f"genalign world pairs --kind {kind} --model {model_dir} --num-pairs {n} --split {split} --seed {seed} "
+            f"--out {folder}")
+
+
+def ensure_pairs(model_dir: Path, kind: str, n: int, split: str, seed: int, folder: Path) -> dict[str, Any]:
+    """Make the pairs unless `folder` already holds exactly n of them; returns where and how they were made."""
+    file = folder / ("pairs.parquet" if kind == "image" else "pairs.csv")
+    t0 = time.time()
+    reused = count_pairs(file) == n
+    if not reused:
+        make_pairs(model_dir, kind, n, split, seed, folder)
+    return {"path": str(file), "pairs": n, "seed": seed, "split": split, "reused": reused,
+            "seconds": round(time.time() - t0, 1), "command": pairs_command(kind, model_dir, n, split, seed, folder)}
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def summarize_eval(result: dict[str, Any] | None) -> dict[str, Any]:
+    """The numbers of a `genalign.eval.reward_eval` result worth keeping, per dimension."""
+    keys = ("accuracy_without_ties", "accuracy_with_ties", "chance_without_ties", "chance_with_ties",
+            "ceiling_without_ties", "ceiling_with_ties", "pairs_without_ties", "pairs_with_ties", "label_counts")
+    if not result:
+        return {}
+    return {d: {k: m.get(k) for k in keys} for d, m in result["dimensions"].items()}
+
+
+def above_chance(summary: dict[str, Any], sigmas: float = 2.0) -> list[str]:
+    """Dimensions whose accuracy without ties beats 0.5 by more than `sigmas` binomial standard errors."""
+    out = []
+    for d, m in summary.items():
+        n, acc = m.get("pairs_without_ties") or 0, m.get("accuracy_without_ties")
+        if n and acc is not None and math.isfinite(acc) and acc - 0.5 > sigmas * math.sqrt(0.25 / n):
+            out.append(d)
+    return out
+
+
+def as_overrides(keys: dict[str, Any] | None) -> list[str]:
+    """{recipe key: value} -> ["key=value", ...] (lists and dicts as JSON, as the command line takes them)."""
+    import json
+
+    out = []
+    for k, v in (keys or {}).items():
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        elif isinstance(v, (list, tuple, dict)):
+            v = json.dumps(v)
+        out.append(f"{k}={v}")
+    return out
+
+
+def train_reward(recipe: str, overrides: list[str]) -> tuple[Any, Any, float]:
+    """`genalign train reward --config RECIPE OVERRIDES...` in process: (trainer, result, seconds)."""
+    from ..config import load_config
+    from ..recipes import recipe_path
+    from ..trainers.reward import RewardTrainConfig, RewardTrainer
+
+    recipe_file = recipe if Path(recipe).is_file() else str(recipe_path(recipe))
+    t0 = time.time()
+    trainer = RewardTrainer.from_config(load_config(RewardTrainConfig, recipe_file, overrides))
+    result = trainer.train()
+    return trainer, result, time.time() - t0
+
+
+def ship(src: Path, target: Path) -> int:
+    """Copy a reward model folder into the assets atomically; returns its size in bytes (refused over 5 MB)."""
+    size = folder_bytes(src)
+    if size >= REWARD_MAX_BYTES:
+        raise RuntimeError(f"the reward model at {src} has {size} bytes, over the {REWARD_MAX_BYTES}-byte limit of a "
+                           "shipped asset: make it smaller in its recipe")
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return size
+
+
+def build_command(cfg) -> str:
+    """The `genalign world build --only reward` command line that gives `cfg` (its non-default keys)."""
+    from dataclasses import fields
+
+    from .build import BuildConfig
+
+    default = BuildConfig()
+    parts = ["genalign world build --only reward"]
+    for f in fields(cfg):
+        if not (f.name.startswith("reward_") or f.name in ("seed", "threads", "latent_reward_workdir")):
+            continue
+        value = getattr(cfg, f.name)
+        if value != getattr(default, f.name):
+            if isinstance(value, (list, tuple)):
+                value = ",".join(map(str, value))
+            elif isinstance(value, dict):
+                import json
+
+                value = "'" + json.dumps(value) + "'"
+            parts.append(f"{f.name}={value}")
+    return " ".join(parts)
+
+
+def build_reward_models(out: Path, cfg) -> dict[str, Any]:
+    """Stage `reward` (module docstring). `cfg`: a `genalign.world.build.BuildConfig`."""
+    from ..config import load_config
+    from ..recipes import recipe_path
+    from . import REWARD_MODEL_DIRS
+    from .clip_pretrain import CLIPPretrainConfig, CLIPPretrainTrainer
+
+    out = Path(out)
+    work = Path(cfg.reward_workdir)
+    common = [f"seed={cfg.seed}", "progress_bar=false"] + ([f"num_threads={cfg.threads}"] if cfg.threads else [])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    stats: dict[str, Any] = {"command": build_command(cfg),
+                             "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
+    kinds = [k for k in ("image", "video") if k in cfg.reward_kinds]
+
+    if "image" in kinds:
+        model_dir = out / "image-base"
+        if not (model_dir / "model_index.json").is_file():
+            raise FileNotFoundError(f"no world image model at {model_dir}: build it first (--only image)")
+        pairs = {}
+        for split, n, seed in (("train", cfg.reward_image_pairs, cfg.seed),
+                               ("heldout", cfg.reward_image_heldout_pairs, cfg.seed + 1)):
+            pairs[split] = ensure_pairs(model_dir, "image", n, split, seed,
+                                        Path(cfg.latent_reward_workdir) / f"pairs-{split}")
+        stats["image_pairs"] = pairs
+
+        # stage 1: the world CLIP
+        clip_overrides = [f"output_dir={work / 'clip-pretrain'}", *common, *as_overrides(cfg.reward_clip_overrides)]
+        t0 = time.time()
+        clip_trainer = CLIPPretrainTrainer.from_config(
+            load_config(CLIPPretrainConfig, recipe_path(cfg.reward_clip_recipe), clip_overrides))
+        clip_result = clip_trainer.train()
+        stats["clip_pretrain"] = {
+            "recipe": cfg.reward_clip_recipe, "overrides": clip_overrides, "seconds": round(time.time() - t0, 1),
+            "pool_seconds": round(clip_trainer.pool_seconds, 1), "pool_pictures": len(clip_trainer.pool.images),
+            "zero_shot_heldout": clip_trainer.zero_shot,
+            "final_metrics": {k: v for k, v in clip_result.last_metrics.items() if isinstance(v, (int, float))}}
+        clip_dir = clip_result.final_model_dir
+
+        # stage 2: PickScore fine-tuning (and, for the record, the same from scratch)
+        tuned = as_overrides(cfg.reward_pickscore_overrides)
+        runs = [("pickscore", cfg.reward_pickscore_recipe, [f"model={clip_dir}", *tuned])]
+        if cfg.reward_compare:  # the same data from a random-init CLIP (its own recipe; the same budget overrides)
+            scratch = [o for o in tuned if o.split("=", 1)[0] not in ("lr", "model")]
+            runs.append(("pickscore_from_scratch", "reward_pickscore_world", ["model=world", *scratch]))
+        for name, recipe, extra in runs:
+            overrides = [*extra, f"data={pairs['train']['path']}", f"eval_data={pairs['heldout']['path']}",
+                         f"output_dir={work / name.replace('_', '-')}", *common]
+            trainer, result, seconds = train_reward(recipe, overrides)
+            stats[name] = {"recipe": recipe, "overrides": overrides, "seconds": round(seconds, 1),
+                           "bytes": folder_bytes(result.final_model_dir),
+                           "heldout": summarize_eval(trainer.eval_result)}
+            if name == "pickscore":
+                stats[name]["shipped"] = REWARD_MODEL_DIRS["image"]
+                ship(result.final_model_dir, out / REWARD_MODEL_DIRS["image"])
+
+    if "video" in kinds:
+        model_dir = out / "video-base"
+        if not (model_dir / "model_index.json").is_file():
+            raise FileNotFoundError(f"no world video model at {model_dir}: build it first (--only video)")
+        pairs = {}
+        for split, n, seed in (("train", cfg.reward_video_pairs, cfg.seed),
+                               ("heldout", cfg.reward_video_heldout_pairs, cfg.seed + 1)):
+            pairs[split] = ensure_pairs(model_dir, "video", n, split, seed, work / f"video-pairs-{split}")
+        stats["video_pairs"] = pairs
+        losses = ["btt", "bt"] if cfg.reward_compare else ["btt"]
+        for loss in losses:
+            name = f"videoreward_{loss}"
+            overrides = [f"data={pairs['train']['path']}", f"eval_data={pairs['heldout']['path']}", f"loss={loss}",
+                         f"output_dir={work / name.replace('_', '-')}", *common,
+                         *as_overrides(cfg.reward_video_overrides)]
+            trainer, result, seconds = train_reward(cfg.reward_video_recipe, overrides)
+            summary = summarize_eval(trainer.eval_result)
+            stats[name] = {"recipe": cfg.reward_video_recipe, "overrides": overrides, "seconds": round(seconds, 1),
+                           "bytes": folder_bytes(result.final_model_dir), "heldout": summary,
+                           "above_chance": above_chance(summary)}
+            if loss == "btt":
+                if stats[name]["above_chance"]:
+                    stats[name]["shipped"] = REWARD_MODEL_DIRS["video"]
+                    ship(result.final_model_dir, out / REWARD_MODEL_DIRS["video"])
+                else:
+                    stats[name]["shipped"] = None
+                    logger.warning("the video reward model is at chance on every dimension: not shipped")
+    return stats

@@ -1,0 +1,103 @@
+"""The world's learned reward models: the shipped PickScore-style model (genalign/world/assets/image-reward)
+loads with `genalign.rewards.load_reward_model` and agrees with the oracle on clear cases, BUILD.json records how
+it was made, and `genalign world build --only reward` runs end to end at a tiny budget."""
+
+import json
+import random
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from genalign.world import ASSETS, REWARD_MODEL_DIRS, WorldModelMissing, reward_model_path
+from genalign.world.clip_pretrain import hard_negative_prompt
+from genalign.world.grammar import image_splits
+from genalign.world.oracle import judge_image
+from genalign.world.render import render_image, to_uint8
+
+
+def shipped(kind):
+    try:
+        return reward_model_path(kind)
+    except WorldModelMissing:
+        return None
+
+
+@pytest.mark.skipif(shipped("image") is None, reason="no image reward model shipped")
+def test_shipped_image_reward_prefers_the_oracles_choice_on_clean_vs_wrong_renders():
+    from genalign.rewards import CLIPReward, load_reward_model
+
+    path = reward_model_path("image")
+    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < 5_000_000
+    model = load_reward_model(path)
+    assert isinstance(model, CLIPReward)
+    rng, nrng = random.Random(0), np.random.default_rng(0)
+    held = image_splits().heldout
+    prompts = [rng.choice(held) for _ in range(24)]
+    clean = [to_uint8(render_image(p, nrng)) for p in prompts]
+    wrong = [to_uint8(render_image(hard_negative_prompt(p, rng), nrng)) for p in prompts]
+    # the oracle's direction: the clean render of the prompt over the render of a one-attribute-swapped prompt
+    oracle = [judge_image(c, p).TA - judge_image(w, p).TA for c, w, p in zip(clean, wrong, prompts)]
+    assert sum(o > 0 for o in oracle) >= 22
+    scores_clean = model(clean, prompts).numpy()
+    scores_wrong = model(wrong, prompts).numpy()
+    agree = [(sc > sw) == (o > 0) for sc, sw, o in zip(scores_clean, scores_wrong, oracle) if o != 0]
+    assert np.mean(agree) >= 0.8, f"the reward agrees with the oracle on {np.mean(agree):.2f} of the pairs"
+
+
+@pytest.mark.skipif(shipped("image") is None, reason="no image reward model shipped")
+def test_build_json_records_the_reward_models_command_and_heldout_accuracy():
+    report = json.loads((ASSETS / "BUILD.json").read_text())
+    stats = report["reward"]["stats"]
+    assert stats["command"].startswith("genalign world build --only reward")
+    image = stats["pickscore"]["heldout"]["score"]
+    for key in ("accuracy_without_ties", "accuracy_with_ties", "ceiling_without_ties", "ceiling_with_ties"):
+        assert 0.0 < image[key] <= 1.0, key
+    assert image["accuracy_without_ties"] > 0.5  # above chance on held-out prompts
+
+
+def test_reward_model_path_names_the_rebuild_command_when_missing(monkeypatch, tmp_path):
+    from genalign import world
+
+    monkeypatch.setattr(world, "ASSETS", tmp_path)
+    with pytest.raises(WorldModelMissing, match="--only reward"):
+        world.reward_model_path("image")
+    with pytest.raises(ValueError, match="image or video"):
+        world.reward_model_path("audio")
+
+
+def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
+    """`genalign world build --only reward` at a tiny budget on copies of the shipped base models: pairs, the
+    world CLIP, PickScore fine-tuning (and from scratch), the video model with BTT and BT, BUILD.json."""
+    from genalign.rewards import load_reward_model
+
+    from genalign.world.build import BuildConfig, build_world
+
+    out = tmp_path / "assets"
+    out.mkdir()
+    for name in ("image-base", "video-base"):
+        shutil.copytree(ASSETS / name, out / name)
+    cfg = replace(
+        BuildConfig(), reward_image_pairs=6, reward_image_heldout_pairs=4, reward_video_pairs=4,
+        reward_video_heldout_pairs=4, latent_reward_workdir=str(tmp_path / "lr"), reward_workdir=str(tmp_path / "rw"),
+        reward_clip_overrides={"max_steps": 2, "batch_size": 4, "pool_groups": 8, "pool_workers": 1,
+                               "eval_images": 4, "clip_width": 32, "clip_layers": 1, "clip_heads": 2,
+                               "clip_patch_size": 8, "clip_projection_dim": 16},
+        reward_pickscore_overrides={"max_steps": 2, "batch_size": 4, "report_to": "none", "normalization_pairs": 2},
+        reward_video_overrides={"max_steps": 2, "batch_size": 2, "report_to": "none", "normalization_pairs": 2,
+                                "video_hidden_size": 32, "video_layers": 1, "video_vision_width": 16,
+                                "video_vision_depth": 1})
+    build_world(out, cfg, ("reward",))
+    stats = json.loads((out / "BUILD.json").read_text())["reward"]["stats"]
+    assert stats["command"].startswith("genalign world build --only reward ") and " reward_image_pairs=6" in stats["command"]
+    assert stats["image_pairs"]["train"]["pairs"] == 6 and not stats["image_pairs"]["train"]["reused"]
+    assert set(stats["clip_pretrain"]["zero_shot_heldout"]) == {"caption", "image", "quality", "n"}
+    for name in ("pickscore", "pickscore_from_scratch"):
+        assert set(stats[name]["heldout"]["score"]) >= {"accuracy_without_ties", "accuracy_with_ties"}
+    assert load_reward_model(out / REWARD_MODEL_DIRS["image"]).kind == "clip"
+    for loss in ("btt", "bt"):
+        assert set(stats[f"videoreward_{loss}"]["heldout"]) >= {"VQ", "MQ", "TA"}
+        assert "loss=" + loss in stats[f"videoreward_{loss}"]["overrides"]
+    # shipped only when above chance: at 2 steps on 4 pairs it is not
+    assert stats["videoreward_btt"]["shipped"] is None or (out / REWARD_MODEL_DIRS["video"]).is_dir()
