@@ -180,3 +180,36 @@ def test_aligned_build_stage_ships_a_lora_with_its_config(tmp_path):
     assert config["model"] == "world" and config["beta"] == 100.0 and config["max_steps"] == 2
     assert stats["eval"]["num_prompts"] == 3 and {"TA", "VQ"} <= set(stats["eval"]["aligned_minus_base"])
     assert _lora_weights(lora).keys() == _lora_weights(tmp_path / "work" / "lora").keys()
+
+
+def test_online_video_pairs_are_best_vs_worst_clips_in_videoalign_csv(tmp_path):
+    import csv
+
+    from genalign.data import load_preference_pairs, read_video
+    from genalign.models import load_adapter
+    from genalign.world import resolve_model
+
+    path, kw, _ = resolve_model("world-video")
+    adapter = load_adapter(path, **kw)
+    prompts = ["red circle moving right", "blue square moving up"]
+    seen = []
+    base = world_scorer()
+
+    def scorer(media, ps):
+        seen.append(media.copy())
+        return base(media, ps)
+
+    info = sample_online_pairs(adapter, prompts, tmp_path, k=3, scorer=scorer, seed=2, progress=False, num_steps=3,
+                               guidance_scale=4.0, height=32, width=32, num_frames=8)
+    (media,) = seen
+    scores = np.asarray(base(media, [p for p in prompts for _ in range(3)])).reshape(2, 3)
+    rows = list(csv.DictReader(open(info["path"])))
+    assert [r["prompt"] for r in rows] == prompts and info["num_pairs"] == 2
+    for i, r in enumerate(rows):
+        clip_a = read_video(tmp_path / r["path_A"])
+        assert clip_a.shape == media[0].shape
+        # the winner's file is the best-scored candidate (MP4 written losslessly enough to be the closest)
+        dists = [np.abs(clip_a.astype(int) - media[3 * i + j]).mean() for j in range(3)]
+        assert int(np.argmin(dists)) == int(scores[i].argmax())
+        assert {r["VQ"], r["MQ"], r["TA"]} <= {"A", "B", "same"}
+    assert len(load_preference_pairs(info["path"], tie_policy="half")) == 2

@@ -74,21 +74,35 @@ def sample_online_pairs(adapter, prompts: list[str], out_dir: str | Path, *, k: 
                         annotator=None, seed: int = 0, progress: bool = True, **sampling) -> dict:
     """Sample `k` outputs per prompt from `adapter` as it is now (LoRA included), keep best vs worst by `scorer`,
     label the pair with `annotator` (default: the world's simulated annotators) and write Pick-a-Pic parquet
-    (images) under out_dir. Returns {"path", "num_prompts", "num_pairs", "num_ties", "margin"}."""
+    (images) or a VideoAlign CSV with MP4s (videos, labelled per dimension) under out_dir.
+    Returns {"path", "num_prompts", "num_pairs", "num_ties", "margin"}."""
     from ..eval.oracle_eval import generate
-    from ..world.annotators import Annotator, png_bytes, write_pickapic_parquet
+    from ..world.annotators import Annotator, label_video_pairs, png_bytes, write_pickapic_parquet, write_videoalign_csv
 
     if k < 2:
         raise ValueError(f"k={k}: online pairs need at least 2 candidates per prompt")
     if not prompts:
         raise ValueError("no prompts to sample online pairs from")
-    scorer = scorer or world_scorer({"TA": 0.5, "VQ": 0.5})
     annotator = annotator or Annotator(seed=seed)
     media, flat = generate(adapter, prompts, k, seed=seed, progress=progress, **sampling)
-    if media.ndim != 4:
-        raise NotImplementedError("online pairs are written as Pick-a-Pic parquet: images only for now")
+    is_video = media.ndim == 5
+    # Default: the annotators' overall score (images 0.5 TA + 0.5 VQ; videos VQ, MQ, TA averaged).
+    scorer = scorer or world_scorer(None if is_video else {"TA": 0.5, "VQ": 0.5})
     scores = np.asarray(scorer(media, flat), dtype=np.float64).reshape(len(prompts), k)
     best, worst = best_vs_worst(scores)
+    margin = float(np.mean(scores.max(1) - scores.min(1)))
+    if is_video:
+        out_dir = Path(out_dir)
+        winners = media[[i * k + b for i, b in enumerate(best)]]
+        losers = media[[i * k + w for i, w in enumerate(worst)]]
+        rows = label_video_pairs(winners, losers, list(prompts), annotator, out_dir)
+        ties = sum(all(r[d] == "same" for d in ("VQ", "MQ", "TA")) for r in rows)
+        if ties == len(rows):
+            raise ValueError(f"all {len(prompts)} online pairs were ties: the scorer does not separate the candidates")
+        path = out_dir / "pairs.csv"
+        os.replace(write_videoalign_csv(rows, path.with_suffix(".csv.tmp")), path)
+        return {"path": str(path), "num_prompts": len(prompts), "num_pairs": len(rows), "num_ties": int(ties),
+                "margin": margin}
     rows, ties = [], 0
     for i, p in enumerate(prompts):
         a, b = i * k + best[i], i * k + worst[i]
@@ -104,7 +118,7 @@ def sample_online_pairs(adapter, prompts: list[str], out_dir: str | Path, *, k: 
     # Written whole then renamed: a run killed here never leaves a truncated table that a resume would trust.
     os.replace(write_pickapic_parquet(rows, path.with_suffix(".parquet.tmp")), path)
     return {"path": str(path), "num_prompts": len(prompts), "num_pairs": len(rows), "num_ties": int(ties),
-            "margin": float(np.mean(scores.max(1) - scores.min(1)))}
+            "margin": margin}
 
 
 def draw_prompts(pool: Sequence[str], n: int, seed: int) -> list[str]:
@@ -113,14 +127,15 @@ def draw_prompts(pool: Sequence[str], n: int, seed: int) -> list[str]:
     return [rng.choice(list(pool)) for _ in range(n)]
 
 
-def prompt_pool(source: str) -> list[str]:
-    """'world': the world's training prompts; otherwise a text file with one prompt per line."""
+def prompt_pool(source: str, video: bool = False) -> list[str]:
+    """'world': the world's training prompts (video prompts for a video model); otherwise a text file with one
+    prompt per line."""
     from ..config import ConfigError
 
     if source == "world":
-        from ..world.grammar import image_splits
+        from ..world.grammar import image_splits, video_splits
 
-        return list(image_splits().train)
+        return list((video_splits() if video else image_splits()).train)
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"config key 'online_prompts': {source!r} is neither 'world' nor a prompt file")
@@ -159,8 +174,8 @@ def train_online(config, adapter=None):
             extra["max_sequence_length"] = config.max_sequence_length
         adapter = load_adapter(model_path, **extra)
     sampling = {k: v for k, v in (defaults or sampling_defaults(model_path)).items()
-                if k in ("num_steps", "guidance_scale", "height", "width")}
-    pool = prompt_pool(config.online_prompts)
+                if k in ("num_steps", "guidance_scale", "height", "width") or (k == "num_frames" and adapter.is_video)}
+    pool = prompt_pool(config.online_prompts, video=adapter.is_video)
     scorer = scorer_from_config(config.online_scorer)
     out = Path(config.output_dir)
     steps_per_round = math.ceil(config.max_steps / config.online_rounds)
@@ -171,12 +186,15 @@ def train_online(config, adapter=None):
             continue  # finished before a restart
         if r > 0 and not _holds_trainable_lora(adapter):
             _load_trainable_lora(adapter, out / f"round-{r - 1}" / "lora")
-        pairs = round_dir / "pairs" / "pairs.parquet"
+        written = [f for f in (round_dir / "pairs" / "pairs.parquet", round_dir / "pairs" / "pairs.csv") if f.is_file()]
         pair_seed = config.seed + 100 * (r + 1)  # prompts, samples and annotators of round r; the trainer: seed + r
-        if not pairs.is_file():
+        if written:
+            pairs = written[0]
+        else:
             info = sample_online_pairs(adapter, draw_prompts(pool, config.online_prompts_per_round, pair_seed),
                                        pairs.parent, k=config.online_k, scorer=scorer, seed=pair_seed,
                                        progress=config.progress_bar, **sampling)
+            pairs = Path(info["path"])
             logger.info("round %d: %d online pairs (%d ties), mean best-worst margin %.3f", r,
                         info["num_pairs"], info["num_ties"], info["margin"])
         round_config = dataclasses.replace(
