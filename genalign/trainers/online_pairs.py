@@ -145,9 +145,9 @@ def prompt_pool(source: str, video: bool = False) -> list[str]:
     return prompts
 
 
-def scorer_from_config(name: str) -> Scorer:
-    if name == "world":
-        return world_scorer({"TA": 0.5, "VQ": 0.5})
+def scorer_from_config(name: str, video: bool = False) -> Scorer:
+    if name == "world":  # the annotators' overall score
+        return world_scorer(None if video else {"TA": 0.5, "VQ": 0.5})
     from ..rewards import load_reward_model
 
     return reward_scorer(load_reward_model(name))
@@ -176,7 +176,7 @@ def train_online(config, adapter=None):
     sampling = {k: v for k, v in (defaults or sampling_defaults(model_path)).items()
                 if k in ("num_steps", "guidance_scale", "height", "width") or (k == "num_frames" and adapter.is_video)}
     pool = prompt_pool(config.online_prompts, video=adapter.is_video)
-    scorer = scorer_from_config(config.online_scorer)
+    scorer = scorer_from_config(config.online_scorer, video=adapter.is_video)
     out = Path(config.output_dir)
     steps_per_round = math.ceil(config.max_steps / config.online_rounds)
     result = None
@@ -192,7 +192,7 @@ def train_online(config, adapter=None):
             pairs = written[0]
         else:
             info = sample_online_pairs(adapter, draw_prompts(pool, config.online_prompts_per_round, pair_seed),
-                                       pairs.parent, k=config.online_k, scorer=scorer, seed=pair_seed,
+                                       round_dir / "pairs", k=config.online_k, scorer=scorer, seed=pair_seed,
                                        progress=config.progress_bar, **sampling)
             pairs = Path(info["path"])
             logger.info("round %d: %d online pairs (%d ties), mean best-worst margin %.3f", r,
