@@ -93,10 +93,10 @@ def _online_config(out, **kw):
     from genalign.world import resolve_model
 
     _, extra, _ = resolve_model("world")
-    cfg = dict(output_dir=str(out), model="world", online_prompts="world", online_rounds=2, online_prompts_per_round=4,
-               online_k=3, max_steps=4, batch_size=2, lr=1e-3, beta=100.0, lora_rank=4, seed=0, checkpoint_every=1,
-               log_every=1, report_to="none", progress_bar=False, num_threads=1,
-               max_sequence_length=extra.get("max_sequence_length"))
+    cfg = {"output_dir": str(out), "model": "world", "online_prompts": "world", "online_rounds": 2,
+           "online_prompts_per_round": 4, "online_k": 3, "max_steps": 4, "batch_size": 2, "lr": 1e-3, "beta": 100.0,
+           "lora_rank": 4, "seed": 0, "checkpoint_every": 1, "log_every": 1, "report_to": "none",
+           "progress_bar": False, "num_threads": 1, "max_sequence_length": extra.get("max_sequence_length")}
     cfg.update(kw)
     return FlowDPOConfig(**cfg)
 
@@ -203,7 +203,8 @@ def test_online_video_pairs_are_best_vs_worst_clips_in_videoalign_csv(tmp_path):
                                guidance_scale=4.0, height=32, width=32, num_frames=8)
     (media,) = seen
     scores = np.asarray(base(media, [p for p in prompts for _ in range(3)])).reshape(2, 3)
-    rows = list(csv.DictReader(open(info["path"])))
+    with open(info["path"]) as f:
+        rows = list(csv.DictReader(f))
     assert [r["prompt"] for r in rows] == prompts and info["num_pairs"] == 2
     for i, r in enumerate(rows):
         clip_a = read_video(tmp_path / r["path_A"])

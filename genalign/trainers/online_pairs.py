@@ -77,7 +77,13 @@ def sample_online_pairs(adapter, prompts: list[str], out_dir: str | Path, *, k: 
     (images) or a VideoAlign CSV with MP4s (videos, labelled per dimension) under out_dir.
     Returns {"path", "num_prompts", "num_pairs", "num_ties", "margin"}."""
     from ..eval.oracle_eval import generate
-    from ..world.annotators import Annotator, label_video_pairs, png_bytes, write_pickapic_parquet, write_videoalign_csv
+    from ..world.annotators import (
+        Annotator,
+        label_video_pairs,
+        png_bytes,
+        write_pickapic_parquet,
+        write_videoalign_csv,
+    )
 
     if k < 2:
         raise ValueError(f"k={k}: online pairs need at least 2 candidates per prompt")
