@@ -120,6 +120,18 @@ def _guidance(args, adapter, kw: dict) -> dict:
                                           nrg_reward=reward, nrg_weights=weights, nrg_scale=args.nrg_scale)}
 
 
+def eval_prompts(source: str | None, adapter, n: int) -> list[str]:
+    """--prompts of `eval` / `sweep`: None or 'heldout' = the world's fixed held-out set for the model's kind,
+    otherwise a prompt file; at most n prompts."""
+    if source in (None, "heldout"):
+        from .world.grammar import heldout_eval_prompts
+
+        return heldout_eval_prompts("video" if adapter.is_video else "image", n=n)
+    from .data.prompts import read_prompts
+
+    return read_prompts(source)[:n]
+
+
 def _read_prompts(args, world: bool) -> list[str]:
     from .data.prompts import read_prompts
     from .world.grammar import parse_prompt
@@ -179,16 +191,9 @@ def cmd_sample(args) -> int:
 
 def cmd_eval(args) -> int:
     from .eval.oracle_eval import generate, judge_samples, summarize, write_report
-    from .world.grammar import heldout_eval_prompts
 
     adapter, defaults, path = _load_model(args.model, args.kind, args.lora)
-    kind = "video" if adapter.is_video else "image"
-    if args.prompts in (None, "heldout"):
-        prompts = heldout_eval_prompts(kind, n=args.num_prompts)
-    else:
-        from .data.prompts import read_prompts
-
-        prompts = read_prompts(args.prompts)[: args.num_prompts]
+    prompts = eval_prompts(args.prompts, adapter, args.num_prompts)
     kw = _sampling_kwargs(args, defaults, adapter)
     kw.update(_guidance(args, adapter, kw))
     t0 = time.time()

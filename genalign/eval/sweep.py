@@ -321,9 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sweep_main(argv: list[str] | None = None) -> int:
-    from ..cli import _sampling_kwargs, _user_errors, load_model
+    from ..cli import _sampling_kwargs, _user_errors, eval_prompts, load_model
     from ..guidance import GuidanceError
-    from ..world.grammar import heldout_eval_prompts
 
     args = build_parser().parse_args(argv)
     try:
@@ -346,13 +345,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
 
             lora = str(aligned_lora_path(args.kind or "image"))
         adapter, defaults, model_path, _ = load_model(args.model, args.kind, [lora] if lora else [])
-        media_kind = "video" if adapter.is_video else "image"
-        if args.prompts in (None, "heldout"):
-            prompts = heldout_eval_prompts(media_kind, n=args.num_prompts)
-        else:
-            from ..data.prompts import read_prompts
-
-            prompts = read_prompts(args.prompts)[: args.num_prompts]
+        prompts = eval_prompts(args.prompts, adapter, args.num_prompts)
         sampling = _sampling_kwargs(args, defaults, adapter)
         if kind == "rlg":
             settings = rlg_settings(scales)
@@ -362,7 +355,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
             if not rewards:
                 from ..world import latent_reward_path
 
-                rewards = [str(latent_reward_path(media_kind))]
+                rewards = [str(latent_reward_path("video" if adapter.is_video else "image"))]
             settings = nrg_settings(rewards, weights, scales)
         learned = LearnedReward(args.reward, adapter) if args.reward else None
         t0 = time.time()

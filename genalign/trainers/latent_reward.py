@@ -60,7 +60,7 @@ import torch
 
 from .. import flow
 from ..config import ConfigError, load_config
-from .flow_dpo import PreferenceCollator, pair_latents
+from .flow_dpo import TIE_POLICIES, PreferenceCollator, pair_latents
 from .loop import (
     CheckpointError,
     NonFiniteLossError,
@@ -77,7 +77,6 @@ logger = logging.getLogger("genalign.trainers")
 
 OBJECTIVES = ("pairs", "distill", "both")
 LOSSES = ("btt", "bt")
-TIE_POLICIES = ("drop", "half", "keep_first")
 TIMESTEP_SAMPLERS = ("logit_normal", "uniform")
 TRUNKS = ("conv", "mlp", "transformer")
 CONDITIONING = ("cond", "none")
