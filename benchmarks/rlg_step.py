@@ -7,7 +7,9 @@ Variants, all on the same SD3 transformer with one trained-looking LoRA ("dpo", 
     c_public_rlg        the public RLG method: two sequential CFG-batched calls per step, LoRA toggled with
                         disable_adapters()/enable_adapters(), then v_base + w (v_ft - v_base)
     d_genalign_rlg      RLGStableDiffusion3Pipeline(rlg_scale=w, rlg_mixed_batch=True): base + fine-tuned in ONE
-                        peft mixed-adapter batch
+                        mixed-adapter batch (base layer once for all rows, the LoRA delta added to its own rows)
+    d3_rlg_peft_mixed   the same mixed batch through peft's `adapter_names` in every LoRA layer (what genalign
+                        did before: per-layer gather / scatter of each adapter's rows)
     d2_genalign_rlg_seq the same with rlg_mixed_batch=False (sequential passes; the public method's arithmetic).
                         The default "auto" picks d or d2 by latent size on CUDA (genalign.guidance.denoiser).
     e_nrg               RLGStableDiffusion3Pipeline with Flow-NRG: a latent reward whose trunk is the first k blocks
@@ -216,6 +218,7 @@ def bench(built, device, dtype, px: int, steps: int, rounds: int, guidance: floa
                                                 rlg_mixed_batch=True),
         "d2_genalign_rlg_seq": lambda: time_pipeline(pipe, embeds, px, steps, device, guidance, rlg_scale=w,
                                                      rlg_mixed_batch=False),
+        "d3_rlg_peft_mixed": lambda: time_peft_mixed(pipe, embeds, px, steps, device, guidance, w),
         "e_nrg": lambda: time_pipeline(pipe, embeds, px, steps, device, guidance, nrg_reward_model=reward,
                                        nrg_weights={"VQ": 0.5, "MQ": 0.5, "TA": 0.0}, nrg_scale=1.0),
         "e2_rlg_nrg": lambda: time_pipeline(pipe, embeds, px, steps, device, guidance, rlg_scale=w,
@@ -239,6 +242,20 @@ def bench(built, device, dtype, px: int, steps: int, rounds: int, guidance: floa
     if device.type == "cuda":
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return result
+
+
+def time_peft_mixed(pipe, embeds, px, steps, device, guidance, w) -> list[float]:
+    """d_genalign_rlg with peft's adapter_names path in every LoRA layer instead of the row slices."""
+    import functools
+
+    from genalign.guidance import denoiser
+    from genalign.guidance.lora import MixedBatchHooks
+
+    denoiser.MixedBatchHooks = functools.partial(MixedBatchHooks, row_slices=False)
+    try:
+        return time_pipeline(pipe, embeds, px, steps, device, guidance, rlg_scale=w, rlg_mixed_batch=True)
+    finally:
+        denoiser.MixedBatchHooks = MixedBatchHooks
 
 
 def check_offload() -> dict:

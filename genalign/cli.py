@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-pair-prompts", type=int, default=QUICKSTART_DEFAULTS.num_pair_prompts,
                    help="training prompts; each makes one labelled pair")
     p.add_argument("--pair-k", type=int, default=QUICKSTART_DEFAULTS.pair_k,
-                   help="images: samples per prompt, best vs worst by the oracle is the pair (2: a random pair)")
+                   help="samples per prompt, best vs worst by the oracle is the pair (2: a random pair; "
+                        "default 8 images / 4 clips)")
     p.add_argument("--beta", type=float, default=QUICKSTART_DEFAULTS.beta)
     p.add_argument("--beta-schedule", default="constant", choices=["constant", "one_minus_t_sq"])
     p.add_argument("--lr", type=float, default=QUICKSTART_DEFAULTS.lr)

@@ -207,20 +207,77 @@ def _velocity_of(adapter, name, x, t, cond):
         return adapter.velocity(x, t, cond)
 
 
-def test_mixed_adapter_batch_equals_sequential_passes(sd3_two_loras):
+@pytest.mark.parametrize("row_slices", [True, False], ids=["row-slices", "peft-adapter-names"])
+@pytest.mark.parametrize("order", ["blocks", "interleaved"])
+def test_mixed_adapter_batch_equals_sequential_passes(sd3_two_loras, row_slices, order):
     ad = sd3_two_loras
     x = torch.randn(2, 4, 16, 16)
     t = torch.tensor([0.7, 0.7])
     cond = ad.encode_prompt(PROMPTS)
-    seq = [_velocity_of(ad, n, x, t, cond) for n in (BASE, "a", "b")]
-    assert maxdiff(seq[0], seq[1]) > 1e-3 and maxdiff(seq[1], seq[2]) > 1e-3  # the LoRAs do something
-    names = [n for n in (BASE, "a", "b") for _ in range(2)]
-    with mixed_adapter_batch([ad.denoiser], names), torch.no_grad():
-        mixed = ad.velocity(x.repeat(3, 1, 1, 1), t.repeat(3), ad.cat_cond([cond] * 3))
-    for got, want in zip(mixed.split(2), seq):
-        assert maxdiff(got, want) < 1e-5
-    # the user's adapter state is restored afterwards
+    seq = {n: _velocity_of(ad, n, x, t, cond) for n in (BASE, "a", "b")}
+    assert maxdiff(seq[BASE], seq["a"]) > 1e-3 and maxdiff(seq["a"], seq["b"]) > 1e-3  # the LoRAs do something
+    # rows in pass blocks (what RLG builds) or alternating (runs of one row each)
+    names = [n for n in (BASE, "a", "b") for _ in range(2)] if order == "blocks" else [BASE, "a", "b", "b", "a", BASE]
+    rows = [0, 1] * 3
+    xs, ts = x[rows], t[rows]
+    conds = {k: v[rows] for k, v in cond.items()}
+    with mixed_adapter_batch([ad.denoiser], names, row_slices=row_slices), torch.no_grad():
+        mixed = ad.velocity(xs, ts, conds)
+    for i, (name, r) in enumerate(zip(names, rows)):
+        assert maxdiff(mixed[i], seq[name][r]) < 1e-5, (i, name)
+    # the user's adapter state is restored afterwards and a plain forward is the active adapter again
     assert ad.denoiser.active_adapters() == ["a"]
+    with torch.no_grad():
+        assert maxdiff(ad.velocity(x, t, cond), seq["a"]) < 1e-6
+
+
+def test_row_sliced_mixed_batch_covers_plain_lora_layers_and_keeps_gradients(sd3_two_loras):
+    """Every plain LoRA Linear of the SD3 transformer takes the row-slice path; under autograd the output is
+    differentiable with respect to the input rows, with the same gradient as the sequential pass."""
+    from genalign.guidance.lora import MixedBatchHooks, lora_layers, row_runs
+
+    ad = sd3_two_loras
+    layers = lora_layers([ad.denoiser])
+    hooks = MixedBatchHooks(layers)
+    assert hooks.sliced and not hooks.named
+    assert row_runs([BASE, BASE, "a", "a", "b", BASE]) == [("a", 2, 4), ("b", 4, 5)]
+    x = torch.randn(1, 4, 16, 16)
+    t = torch.tensor([0.5])
+    cond = ad.encode_prompt(PROMPTS[:1])
+    xs = x.repeat(2, 1, 1, 1).requires_grad_(True)
+    with mixed_adapter_batch([ad.denoiser], [BASE, "b"]):
+        ad.velocity(xs, t.repeat(2), ad.cat_cond([cond, cond]))[1].square().sum().backward()
+    xb = x.clone().requires_grad_(True)
+    with adapter_state([ad.denoiser], "b"):
+        ad.velocity(xb, t, cond).square().sum().backward()
+    assert float(xs.grad[0].abs().max()) == 0.0  # the base row does not enter row 1
+    assert maxdiff(xs.grad[1], xb.grad[0]) < 1e-5
+
+
+def test_row_sliced_mixed_batch_on_conv_lora_layers():
+    """LoRA on Conv2d layers (UNet families) takes the same path and matches the sequential passes."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from genalign.guidance.lora import MixedBatchHooks, lora_layers
+
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 3, 1))
+    net = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0", "2"]), net, adapter_name="a")
+    for n, p in net.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.3, generator=g)
+    net.eval()
+    assert len(MixedBatchHooks(lora_layers([net])).sliced) == 2
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        with adapter_state([net], BASE):
+            base = net(x)
+        with adapter_state([net], "a"):
+            lora = net(x)
+        assert maxdiff(base, lora) > 1e-3
+        with mixed_adapter_batch([net], [BASE, BASE, "a", "a"]):
+            mixed = net(torch.cat([x, x]))
+    assert maxdiff(mixed[:2], base) < 1e-6 and maxdiff(mixed[2:], lora) < 1e-6
 
 
 def test_rlg_combiner_multi_expert_formula_zero_skips_and_both_paths(sd3_two_loras):

@@ -40,6 +40,7 @@ from .core import (
 )
 from .lora import (
     MixedBatchHooks,
+    MixedBatchMismatch,
     active_adapters,
     adapter_state,
     check_adapters_loaded,
@@ -53,8 +54,9 @@ CURRENT = "__current__"  # the fine-tuned model as the user configured the pipel
 # rlg_mixed_batch="auto" on CUDA: one mixed-adapter forward only up to this many latent elements per sample.
 # Measured on an SD3.5-medium-sized MMDiT, bf16 (benchmarks/rlg_step.py, H100; GPU.md's H200 anchors agree):
 # 512 px (16x64x64 = 65536 elements) mixed 1.39x vs sequential 1.72x of a CFG step; 1024 px (262144) mixed
-# 2.39x vs sequential 1.89x (peft's mixed path gathers and scatters every LoRA layer's rows). On the CPU the
-# mixed batch is never slower, so there it is always used.
+# 2.39x vs sequential 1.89x. Those figures are for peft's `adapter_names` path, which gathers and scatters every
+# LoRA layer's rows; the row-sliced path that replaced it (genalign.guidance.lora.MixedBatchHooks) has not been
+# timed on a GPU yet, so the threshold stays. On the CPU the mixed batch is never slower: always used there.
 MIXED_BATCH_AUTO_MAX_ELEMENTS = 131072
 
 
@@ -281,7 +283,7 @@ class GuidedDenoiser:
             try:
                 outs = self._mixed(orig, arguments, list(a))
             except ValueError as e:  # a LoRA layer that sees another batch size than the denoiser's input
-                if "adapter_names" not in str(e):
+                if not isinstance(e, MixedBatchMismatch) and "adapter_names" not in str(e):
                     raise
                 warnings.warn(f"mixed-adapter batch failed ({e}); evaluating RLG passes sequentially", stacklevel=2)
                 self.rlg.mixed, self.rlg.mixed_reason = False, f"runtime: {e}"

@@ -3,10 +3,11 @@ them on one input.
 
 - Sequential: one forward per model, the adapter state of every LoRA layer set for that pass (base: adapters
   disabled; expert k: only adapter k active) and restored afterwards. Works for any peft layer.
-- Mixed-adapter batch: ONE forward over the inputs repeated once per pass, with peft's `adapter_names` (one name
-  per row, "__base__" for no adapter) injected into every LoRA layer by a forward pre-hook, as peft's own
+- Mixed-adapter batch: ONE forward over the inputs repeated once per pass (one adapter name per row, "__base__"
+  for no adapter): plain LoRA Linear / Conv layers compute the base output for all rows and add each adapter's
+  delta to its own rows; other LoRA layers get peft's `adapter_names`, injected by a forward pre-hook as peft's own
   `PeftModel.forward(adapter_names=...)` does (diffusers models hold peft layers without a PeftModel around them).
-  Needs plain LoRA (no DoRA), unmerged weights and eval mode (ENVIRONMENT.md: it matches the sequential result).
+  Needs plain LoRA (no DoRA), unmerged weights and eval mode (tested against the sequential result).
 
 Layer state is set directly on each layer (`_active_adapter`, `_disable_adapters`) rather than through
 `set_adapter`/`set_adapters`: those also change `requires_grad` and diffusers' per-adapter weights, which
@@ -122,23 +123,81 @@ def adapter_state(modules: Sequence[torch.nn.Module], name: str | None, layers: 
             layer._disable_adapters = disabled
 
 
+def row_sliceable(layer) -> bool:
+    """Whether a LoRA layer's mixed batch can be computed as base output + per-slice LoRA delta: plain (no
+    DoRA / variant) LoRA on a Linear or Conv layer, where the delta is lora_B(lora_A(dropout(x))) * scaling."""
+    try:
+        from peft.tuners.lora.layer import Linear, _ConvNd
+    except ImportError:  # pragma: no cover - an older peft: use adapter_names everywhere
+        return False
+    if type(layer) not in (Linear,) and not isinstance(layer, _ConvNd):
+        return False
+    return not any(getattr(layer, "use_dora", {}).values()) and not getattr(layer, "lora_variant", {})
+
+
+def row_runs(adapter_names: Sequence[str]) -> list[tuple[str, int, int]]:
+    """Consecutive rows with the same adapter as (name, start, stop), BASE runs left out."""
+    runs: list[tuple[str, int, int]] = []
+    start = 0
+    for i in range(1, len(adapter_names) + 1):
+        if i == len(adapter_names) or adapter_names[i] != adapter_names[start]:
+            if adapter_names[start] != BASE:
+                runs.append((adapter_names[start], start, i))
+            start = i
+    return runs
+
+
+class MixedBatchMismatch(ValueError):
+    """A LoRA layer saw another number of rows than the mixed batch has (the caller falls back to sequential)."""
+
+
 class MixedBatchHooks:
-    """Forward pre-hooks on every LoRA layer that inject `adapter_names` while `names` is set (None: the layers
-    run as usual). Registered once for a whole generation: setting `names` per call costs nothing."""
+    """Hooks on every LoRA layer that evaluate one forward over rows with different adapters while `rows(...)` is
+    active (otherwise the layers run as usual). Registered once for a whole generation.
 
-    def __init__(self, layers: list):
+    Plain LoRA Linear / Conv layers (`row_sliceable`) compute the base layer once for all rows and add each
+    adapter's delta to its own slice of rows only. The RLG passes are contiguous row blocks, so this is the cost of
+    a plain LoRA forward, where peft's `adapter_names` path gathers and scatters the rows of every layer per
+    adapter (on an H100 at 512 px it made the mixed batch 1.39x a CFG step; benchmarks/rlg_step.py). Other layers
+    (embeddings, ...) get peft's `adapter_names` injected by a forward pre-hook, as `PeftModel.forward(
+    adapter_names=...)` does. `row_slices=False` uses `adapter_names` everywhere (the benchmark's comparison).
+    """
+
+    def __init__(self, layers: list, row_slices: bool = True):
         self.layers = layers
+        self.sliced = [layer for layer in layers if row_slices and row_sliceable(layer)]
+        sliced_ids = {id(layer) for layer in self.sliced}
+        self.named = [layer for layer in layers if id(layer) not in sliced_ids]
         self.names: list[str] | None = None
+        self.runs: list[tuple[str, int, int]] = []
         self._handles: list = []
-        self._saved: list = []
 
-    def _hook(self, module, args, kwargs):
+    def _pre_hook(self, module, args, kwargs):
         if self.names is not None:
             kwargs["adapter_names"] = self.names
         return args, kwargs
 
+    def _slice_hook(self, module, args, output):
+        if self.names is None:
+            return output
+        x = args[0]
+        if x.shape[0] != len(self.names) or output.shape[0] != len(self.names):
+            raise MixedBatchMismatch(f"a LoRA layer got {x.shape[0]} rows, the mixed batch (adapter_names) has "
+                                     f"{len(self.names)}")
+        # Out of place when autograd records (the base output may be a view it needs); in place otherwise.
+        out = output.clone() if torch.is_grad_enabled() else output
+        for name, start, stop in self.runs:
+            if name not in module.lora_A:
+                continue  # this layer has no weights for that adapter: base output, as peft does
+            lora_A, lora_B = module.lora_A[name], module.lora_B[name]
+            xs = x[start:stop].to(lora_A.weight.dtype)
+            delta = lora_B(lora_A(module.lora_dropout[name](xs))) * module.scaling[name]
+            out[start:stop] += delta.to(out.dtype)
+        return out
+
     def __enter__(self):
-        self._handles = [layer.register_forward_pre_hook(self._hook, with_kwargs=True) for layer in self.layers]
+        self._handles = [layer.register_forward_pre_hook(self._pre_hook, with_kwargs=True) for layer in self.named]
+        self._handles += [layer.register_forward_hook(self._slice_hook) for layer in self.sliced]
         return self
 
     def __exit__(self, *exc):
@@ -148,22 +207,25 @@ class MixedBatchHooks:
 
     @contextlib.contextmanager
     def rows(self, adapter_names: list[str]):
-        """Row i of every LoRA layer's input uses adapter adapter_names[i] ("__base__": none). Adapters are
-        enabled for the duration (a disabled layer ignores adapter_names and returns the base for every row)."""
+        """Row i of every LoRA layer's input uses adapter adapter_names[i] ("__base__": none). The sliced layers
+        run their base layer only (adapters disabled) and the hook adds the deltas; the others have adapters
+        enabled for the duration (a disabled peft layer ignores adapter_names)."""
         saved = [(layer, layer._disable_adapters) for layer in self.layers]
         try:
-            for layer in self.layers:
+            for layer in self.sliced:
+                layer._disable_adapters = True
+            for layer in self.named:
                 layer._disable_adapters = False
-            self.names = adapter_names
+            self.names, self.runs = list(adapter_names), row_runs(adapter_names)
             yield
         finally:
-            self.names = None
+            self.names, self.runs = None, []
             for layer, disabled in saved:
                 layer._disable_adapters = disabled
 
 
 @contextlib.contextmanager
-def mixed_adapter_batch(modules: Sequence[torch.nn.Module], adapter_names: list[str]):
+def mixed_adapter_batch(modules: Sequence[torch.nn.Module], adapter_names: list[str], row_slices: bool = True):
     """One-off form of MixedBatchHooks: every LoRA layer computes row i with adapter adapter_names[i]."""
-    with MixedBatchHooks(lora_layers(modules)) as hooks, hooks.rows(adapter_names):
+    with MixedBatchHooks(lora_layers(modules), row_slices) as hooks, hooks.rows(adapter_names):
         yield
