@@ -288,6 +288,16 @@ def test_lora_saves_in_diffusers_format_and_loads_into_the_stock_pipeline(name, 
     assert maxdiff(v_off, v_base) < 1e-6 * scale(v_base)  # the reference is the base model (to float round-off)
     assert maxdiff(v_lora, v_base) > 1e-2  # and the adapter changes the output
     assert maxdiff(velocity_probe(adapter, fam), v_lora) < 1e-7  # re-enabled after the context
+    # trainability is left as it was (peft's disable/enable would flip it), and adapters the user switched
+    # off stay off after the context
+    trainable = {n for n, p in adapter.denoiser.named_parameters() if p.requires_grad}
+    with adapter.lora_disabled():
+        assert {n for n, p in adapter.denoiser.named_parameters() if p.requires_grad} == trainable
+    adapter.denoiser.disable_adapters()
+    with adapter.lora_disabled():
+        pass
+    assert maxdiff(velocity_probe(adapter, fam), v_base) < 1e-6 * scale(v_base)
+    adapter.denoiser.enable_adapters()
 
     adapter.save_lora(tmp_path / "lora")
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
