@@ -6,7 +6,10 @@ peer: a separate full frozen copy of the network as the reference; winner and lo
 and reference); the VAE encodes both images and the text encoders encode the prompt at every step; no cache.
 
 Both variants train the same LoRA on the same model and batch. Each runs in its own subprocess so that its peak
-memory (max RSS on CPU, torch.cuda.max_memory_allocated on GPU) is its own. Printed last: a table with ratios.
+memory (max RSS on CPU, torch.cuda.max_memory_allocated on GPU) is its own; genalign's cache is written first by
+another process, as `genalign cache` does before `genalign train`. On the CPU also: the FLOPs of one step of each
+(FlopCounterMode: matmuls, convolutions, attention), the bound on the speed-up where compute is the limit, and
+genalign with gradient checkpointing ("genalign_ckpt"). Printed last: a table with ratios.
 
 At scale (`--device cuda`, issue 3): genalign's FlowDPOTrainer step on an SD3.5-medium-sized MMDiT with random
 weights (GPU.md's config, 2.24 B params), bf16 mixed precision, LoRA rank 16 on the attention projections,
