@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default 8 images / 4 clips)")
     p.add_argument("--beta", type=float, default=QUICKSTART_DEFAULTS.beta)
     p.add_argument("--beta-schedule", default="constant", choices=["constant", "one_minus_t_sq"])
+    p.add_argument("--sft-weight", type=float, default=None,
+                   help="add this x the winners' flow-matching error to the loss (default 0 images, 1 videos)")
     p.add_argument("--lr", type=float, default=QUICKSTART_DEFAULTS.lr)
     p.add_argument("--eval-prompts", type=int, default=QUICKSTART_DEFAULTS.eval_prompts)
     p.add_argument("--eval-samples-per-prompt", type=int, default=QUICKSTART_DEFAULTS.eval_samples_per_prompt)

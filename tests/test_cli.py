@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,3 +173,6 @@ def test_quickstart_video_end_to_end_at_a_tiny_budget(tmp_path):
     assert {"VQ", "MQ", "TA"} <= set(report["aligned_minus_base"])
     assert (out / "pairs" / "pairs.csv").is_file() and (out / "train" / "lora").is_dir()
     assert "--kind video --lora" in report["sample_command"]
+    # best-vs-worst of 4 clips per prompt, and the winners' flow-matching term on by default for video
+    assert report["pairs"]["rows"] == 8
+    assert yaml.safe_load((out / "train" / "config.yaml").read_text())["sft_weight"] == 1.0
