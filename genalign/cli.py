@@ -350,8 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep_args", nargs=argparse.REMAINDER, help="see `genalign sweep rlg -h` / `genalign sweep nrg -h`")
 
     p = sub.add_parser("quickstart", help="the main job on the built-in world: sample, label pairs, Flow-DPO, "
-                                          "evaluate base vs aligned, write a report (about 8 min on 2 CPU cores; "
-                                          "--video about 15)")
+                                          "evaluate base vs aligned, write a report (about 8 min on 2 CPU "
+                                          "cores; --video about 15)")
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--video", action="store_true", help="run on the world's video model (VQ / MQ / TA)")
     p.add_argument("--steps", type=int, default=QUICKSTART_DEFAULTS.steps, help="Flow-DPO steps")
