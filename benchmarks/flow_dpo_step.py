@@ -157,6 +157,7 @@ def run_peer(pairs: int, steps: int, warmup: int, threads: int) -> dict:
     g = torch.Generator().manual_seed(0)
     vae = pipe.vae
     shift = vae.config.shift_factor or 0.0
+
     def one_step(step: int) -> None:
         batch = data[step * pairs : (step + 1) * pairs]
         with torch.no_grad():  # VAE and text encoders every step: no cache

@@ -454,3 +454,43 @@ def test_nrg_combiner_adds_the_correction_and_refuses_other_latents(sd3_adapter)
     assert maxdiff(got, v - 1.5 * (0.4 / 0.6) * grad) < 1e-5
     with pytest.raises(GuidanceError, match="shape"):
         nrg_combiner(ad, reward, guidance_scale=2.0)(torch.randn(2, 4, 8, 8), t, cond, uncond)
+
+
+def test_mixed_batch_falls_back_to_sequential_when_a_lora_layer_sees_other_rows():
+    """A LoRA layer applied to a tensor without the batch's rows (here a learned query shared by all rows) cannot
+    be split by rows: the mixed batch raises MixedBatchMismatch and the denoiser evaluates the passes one by one,
+    with the sequential result."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from genalign.guidance.denoiser import DenoiserSpec, GuidedDenoiser, RLGPlan
+    from genalign.guidance.lora import MixedBatchMismatch
+
+    class SharedQuery(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query = torch.nn.Parameter(torch.randn(1, 8))
+            self.proj = torch.nn.Linear(8, 8)
+            self.out = torch.nn.Linear(8, 8)
+
+        def forward(self, hidden_states, timestep):
+            return self.out(hidden_states) + self.proj(self.query)  # proj sees 1 row, whatever the batch
+
+    g = torch.Generator().manual_seed(0)
+    net = inject_adapter_in_model(LoraConfig(r=2, target_modules=["proj", "out"]), SharedQuery(), adapter_name="a")
+    for n, p in net.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.5, generator=g)
+    net.eval()
+    x = torch.randn(3, 8, generator=g)
+    with pytest.raises(MixedBatchMismatch), mixed_adapter_batch([net], [BASE] * 3 + ["a"] * 3), torch.no_grad():
+        net(x.repeat(2, 1), None)
+    with torch.no_grad():
+        with adapter_state([net], BASE):
+            base = net(x, None)
+        lora = net(x, None)
+    spec = DenoiserSpec("toy", "hidden_states", lambda ts: 0.5)
+    guided = GuidedDenoiser([net], spec, rlg=RLGPlan.build([net], scale=1.5, mixed_batch=True))
+    with guided.installed(), torch.no_grad(), pytest.warns(UserWarning, match="evaluating RLG passes sequentially"):
+        out = net(hidden_states=x, timestep=torch.zeros(3))
+    assert maxdiff(out, base + 1.5 * (lora - base)) < 1e-5
+    assert not guided.rlg.mixed and guided.rlg.mixed_reason.startswith("runtime:")

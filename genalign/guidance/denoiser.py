@@ -283,6 +283,7 @@ class GuidedDenoiser:
             try:
                 outs = self._mixed(orig, arguments, list(a))
             except ValueError as e:  # a LoRA layer that sees another batch size than the denoiser's input
+                # (MixedBatchMismatch from the row slices; peft's own error names `adapter_names`)
                 if not isinstance(e, MixedBatchMismatch) and "adapter_names" not in str(e):
                     raise
                 warnings.warn(f"mixed-adapter batch failed ({e}); evaluating RLG passes sequentially", stacklevel=2)

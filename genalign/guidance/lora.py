@@ -130,7 +130,7 @@ def row_sliceable(layer) -> bool:
         from peft.tuners.lora.layer import Linear, _ConvNd
     except ImportError:  # pragma: no cover - an older peft: use adapter_names everywhere
         return False
-    if type(layer) not in (Linear,) and not isinstance(layer, _ConvNd):
+    if type(layer) is not Linear and not isinstance(layer, _ConvNd):  # not bnb / other Linear subclasses
         return False
     return not any(getattr(layer, "use_dora", {}).values()) and not getattr(layer, "lora_variant", {})
 
@@ -182,8 +182,7 @@ class MixedBatchHooks:
             return output
         x = args[0]
         if x.shape[0] != len(self.names) or output.shape[0] != len(self.names):
-            raise MixedBatchMismatch(f"a LoRA layer got {x.shape[0]} rows, the mixed batch (adapter_names) has "
-                                     f"{len(self.names)}")
+            raise MixedBatchMismatch(f"a LoRA layer got {x.shape[0]} rows, the mixed batch has {len(self.names)}")
         # Out of place when autograd records (the base output may be a view it needs); in place otherwise.
         out = output.clone() if torch.is_grad_enabled() else output
         for name, start, stop in self.runs:
