@@ -21,9 +21,7 @@ Works for every adapter (SD3, FLUX, Wan, and UNet models through the epsilon -> 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ import torch
 from .. import flow
 from ..config import ConfigError, load_config
 from ..losses.flow_dpo import BETA_SCHEDULES, DIVERGENCES, beta_at, flow_dpo_loss, per_sample_mse
-from .loop import TrainConfig, Trainer, config_help, eval_mode, option
+from .loop import TrainConfig, Trainer, eval_mode, option
 
 REFERENCES = ("disabled_adapter", "adapter", "model")
 TIE_POLICIES = ("drop", "half", "keep_first")
@@ -410,45 +408,29 @@ def load_training_pairs(data: str, adapter, config: FlowDPOConfig):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m genalign.trainers.flow_dpo --config recipe.yaml [key=value ...]`."""
-    parser = argparse.ArgumentParser(prog="genalign train flow-dpo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML recipe (e.g. genalign/recipes/flow_dpo_world.yaml)")
-    parser.add_argument("--resume", help="'latest' or a checkpoint folder (same as resume=...)")
-    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
-    args = parser.parse_args(argv)
-    if args.help_config:
-        print(config_help(FlowDPOConfig))
+    """`genalign train flow-dpo --config recipe.yaml [--resume latest] [key=value ...]`."""
+    from .command import parse_training_args, recipe_arg, run_training, training_parser
+
+    prog = "genalign train flow-dpo"
+    parser = training_parser(prog, __doc__.split("\n\n")[0],
+                             config_help="YAML recipe (e.g. genalign/recipes/flow_dpo_world.yaml)")
+    parsed = parse_training_args(parser, FlowDPOConfig, argv)
+    if parsed is None:
         return 0
-    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
-    try:
-        config = load_config(FlowDPOConfig, _recipe_arg(args.config), overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("genalign").setLevel(logging.INFO)  # ours at INFO; accelerate's per-file chatter stays off
-    if config.online_prompts:
-        from .online_pairs import train_online
+    args, overrides = parsed
 
-        result = train_online(config)
-    else:
-        result = FlowDPOTrainer.from_config(config).train()
-    print(f"done: step {result.step}, LoRA at {result.final_model_dir}")
-    return 0
+    def train() -> int:
+        config = load_config(FlowDPOConfig, recipe_arg(args.config), overrides)
+        if config.online_prompts:
+            from .online_pairs import train_online
 
+            result = train_online(config)
+        else:
+            result = FlowDPOTrainer.from_config(config).train()
+        print(f"done: step {result.step}, LoRA at {result.final_model_dir}")
+        return 0
 
-def _recipe_arg(value: str | None) -> str | None:
-    """A recipe path, or the name of a recipe shipped in genalign.recipes (e.g. 'flow_dpo_world')."""
-    if value is None or Path(value).exists():
-        return value
-    from ..recipes import recipe_path
-
-    try:
-        return str(recipe_path(value))
-    except FileNotFoundError:
-        return value  # load_config names the missing file
-
+    return run_training(prog, train)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -45,7 +45,6 @@ against the oracle's per-dimension preference.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -62,12 +61,9 @@ from .. import flow
 from ..config import ConfigError, load_config
 from .flow_dpo import TIE_POLICIES, PreferenceCollator, pair_latents
 from .loop import (
-    CheckpointError,
-    NonFiniteLossError,
     TrainConfig,
     Trainer,
     TrainResult,
-    config_help,
     eval_mode,
     option,
     to_device,
@@ -759,37 +755,27 @@ def format_eval_table(result: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ command line
 def main(argv: list[str] | None = None) -> int:
     """`genalign train latent-reward --config RECIPE [--resume latest] [key=value ...]`."""
-    from ..data.errors import DataError
-    from ..guidance import GuidanceError
-    from ..models.base import ModelLoadError
-    from .flow_dpo import _recipe_arg
+    from .command import parse_training_args, recipe_arg, run_training, training_parser
 
-    parser = argparse.ArgumentParser(prog="genalign train latent-reward", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="latent_reward_world",
-                        help="YAML recipe (default: the shipped latent_reward_world)")
-    parser.add_argument("--resume", help="'latest' or a checkpoint folder (same as resume=...)")
-    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
-    args = parser.parse_args(argv)
-    if args.help_config:
-        print(config_help(LatentRewardTrainConfig))
+    prog = "genalign train latent-reward"
+    parser = training_parser(prog, __doc__.split("\n\n")[0], default_config="latent_reward_world",
+                             config_help="YAML recipe (default: the shipped latent_reward_world)")
+    parsed = parse_training_args(parser, LatentRewardTrainConfig, argv)
+    if parsed is None:
         return 0
-    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("genalign").setLevel(logging.INFO)
-    try:
-        config = load_config(LatentRewardTrainConfig, _recipe_arg(args.config), overrides)
+    args, overrides = parsed
+
+    def train() -> int:
+        config = load_config(LatentRewardTrainConfig, recipe_arg(args.config), overrides)
         trainer = LatentRewardTrainer.from_config(config)
         result = trainer.train()
-    except (ConfigError, DataError, ModelLoadError, GuidanceError, CheckpointError, NonFiniteLossError) as e:
-        print(f"genalign train latent-reward: error: {e}", file=sys.stderr)
-        return 2
-    print(f"done: step {result.step}, latent reward model at {result.final_model_dir}")
-    if trainer.eval_result is not None:
-        print(format_eval_table(trainer.eval_result))
-        print(f"evaluation: {result.output_dir / 'eval' / 'latent_reward_eval.json'}")
-    return 0
+        print(f"done: step {result.step}, latent reward model at {result.final_model_dir}")
+        if trainer.eval_result is not None:
+            print(format_eval_table(trainer.eval_result))
+            print(f"evaluation: {result.output_dir / 'eval' / 'latent_reward_eval.json'}")
+        return 0
 
+    return run_training(prog, train)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,7 +26,6 @@ final model is evaluated there (`output_dir/eval/reward_eval.json` + `.png`, see
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -41,12 +40,9 @@ import torch
 
 from ..config import ConfigError, load_config
 from .loop import (
-    CheckpointError,
-    NonFiniteLossError,
     TrainConfig,
     Trainer,
     TrainResult,
-    config_help,
     eval_mode,
     option,
 )
@@ -492,62 +488,43 @@ def main(argv: list[str] | None = None) -> int:
     """`genalign train reward --kind pickscore|videoreward [--config RECIPE] [--resume latest] [key=value ...]`.
 
     Without --config, the kind's shipped world recipe (reward_<kind>_world) is used."""
-    from ..data.errors import DataError
-    from ..rewards import RewardLoadError
-    from .flow_dpo import _recipe_arg
+    from .command import parse_training_args, recipe_arg, run_training, training_parser
 
-    parser = argparse.ArgumentParser(prog="genalign train reward", description=__doc__.split("\n\n")[0])
+    prog = "genalign train reward"
+    parser = training_parser(prog, __doc__.split("\n\n")[0],
+                             config_help="YAML recipe (default: genalign/recipes/reward_<kind>_world.yaml)")
     parser.add_argument("--kind", choices=KINDS, help="pickscore | videoreward (same as kind=...)")
-    parser.add_argument("--config", help="YAML recipe (default: genalign/recipes/reward_<kind>_world.yaml)")
-    parser.add_argument("--resume", help="'latest' or a checkpoint folder (same as resume=...)")
-    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
-    args = parser.parse_args(argv)
-    if args.help_config:
-        print(config_help(RewardTrainConfig))
+    parsed = parse_training_args(parser, RewardTrainConfig, argv)
+    if parsed is None:
         return 0
-    overrides = list(args.overrides)
+    args, overrides = parsed
     kind_override = next((o.split("=", 1)[1].strip() for o in overrides if o.startswith("kind=")), None)
     kind = args.kind or kind_override
-    recipe = args.config
-    if recipe is None:
-        if kind is None:
-            print("error: give --kind pickscore|videoreward (or --config RECIPE)", file=sys.stderr)
-            return 2
-        recipe = f"reward_{kind}_world"
+    if args.config is None and kind is None:
+        print(f"{prog}: error: give --kind pickscore|videoreward (or --config RECIPE)", file=sys.stderr)
+        return 2
+    recipe = recipe_arg(args.config or f"reward_{kind}_world")
     if args.kind:
         overrides.append(f"kind={args.kind}")
-    if args.resume:
-        overrides.append(f"resume={args.resume}")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("genalign").setLevel(logging.INFO)
-    try:
-        recipe_path = _recipe_arg(recipe)
-        if args.kind and recipe_path and Path(recipe_path).is_file():
+
+    def train() -> int:
+        if args.kind and recipe and Path(recipe).is_file():
             import yaml
 
-            recipe_kind = (yaml.safe_load(Path(recipe_path).read_text()) or {}).get("kind")
+            recipe_kind = (yaml.safe_load(Path(recipe).read_text()) or {}).get("kind")
             if recipe_kind and recipe_kind != args.kind:
-                raise ConfigError(f"recipe {recipe_path!r} is for kind={recipe_kind}, but --kind {args.kind} was "
-                                  "given")
-        config = load_config(RewardTrainConfig, recipe_path, overrides)
-        trainer = RewardTrainer.from_config(config)
-    except (ConfigError, DataError, RewardLoadError) as e:
-        print(f"genalign train reward: error: {e}", file=sys.stderr)
-        return 2
-    try:
+                raise ConfigError(f"recipe {recipe!r} is for kind={recipe_kind}, but --kind {args.kind} was given")
+        trainer = RewardTrainer.from_config(load_config(RewardTrainConfig, recipe, overrides))
         result = trainer.train()
-    except (CheckpointError, NonFiniteLossError) as e:
-        print(f"genalign train reward: error: {e}", file=sys.stderr)
-        return 2
-    print(f"done: step {result.step}, reward model at {result.final_model_dir}")
-    if trainer.eval_result is not None:
-        from ..eval.reward_eval import format_table
+        print(f"done: step {result.step}, reward model at {result.final_model_dir}")
+        if trainer.eval_result is not None:
+            from ..eval.reward_eval import format_table
 
-        print(format_table(trainer.eval_result))
-        print(f"evaluation: {result.output_dir / 'eval'}")
-    return 0
+            print(format_table(trainer.eval_result))
+            print(f"evaluation: {result.output_dir / 'eval'}")
+        return 0
 
+    return run_training(prog, train)
 
 if __name__ == "__main__":
     sys.exit(main())

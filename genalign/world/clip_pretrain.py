@@ -391,34 +391,25 @@ def zero_shot_check(model, n: int = 512, seed: int = 0, vae=None) -> dict[str, f
 def main(argv: list[str] | None = None) -> int:
     """`python -m genalign.world.clip_pretrain [--config RECIPE] [key=value ...]`: stage 1 alone (the recipe
     world_clip_pretrain by default); the CLIP folder is written to output_dir/clip."""
-    import argparse
-    import sys
-
     from ..config import load_config
-    from ..trainers.flow_dpo import _recipe_arg
-    from ..trainers.loop import config_help
+    from ..trainers.command import parse_training_args, recipe_arg, run_training, training_parser
 
-    parser = argparse.ArgumentParser(prog="python -m genalign.world.clip_pretrain", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="world_clip_pretrain", help="YAML recipe (default: world_clip_pretrain)")
-    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
-    args = parser.parse_args(argv)
-    if args.help_config:
-        print(config_help(CLIPPretrainConfig))
+    prog = "python -m genalign.world.clip_pretrain"
+    parser = training_parser(prog, __doc__.split("\n\n")[0], default_config="world_clip_pretrain",
+                             config_help="YAML recipe (default: world_clip_pretrain)", resume=False)
+    parsed = parse_training_args(parser, CLIPPretrainConfig, argv)
+    if parsed is None:
         return 0
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("genalign").setLevel(logging.INFO)
-    try:
-        config = load_config(CLIPPretrainConfig, _recipe_arg(args.config), args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    trainer = CLIPPretrainTrainer.from_config(config)
-    result = trainer.train()
-    print(f"done: step {result.step}, CLIP folder at {result.final_model_dir}; zero-shot on held-out prompts: "
-          f"{trainer.zero_shot}")
-    return 0
+    args, overrides = parsed
 
+    def train() -> int:
+        trainer = CLIPPretrainTrainer.from_config(load_config(CLIPPretrainConfig, recipe_arg(args.config), overrides))
+        result = trainer.train()
+        print(f"done: step {result.step}, CLIP folder at {result.final_model_dir}; zero-shot on held-out prompts: "
+              f"{trainer.zero_shot}")
+        return 0
+
+    return run_training(prog, train)
 
 if __name__ == "__main__":
     raise SystemExit(main())
