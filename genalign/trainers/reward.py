@@ -57,7 +57,24 @@ WORLD_MODELS = ("world", "tiny")
 
 
 @dataclass
-class RewardTrainConfig(TrainConfig):
+class WorldCLIPSize:
+    """The sizes of the world's CLIP (`world_clip_reward`): one set of keys for the reward trainer (model=world)
+    and the stage-1 pretraining (genalign.world.clip_pretrain)."""
+
+    clip_width: int = option(64, "world CLIP: hidden size of both towers")
+    clip_layers: int = option(3, "world CLIP: layers per tower")
+    clip_heads: int = option(4, "world CLIP: attention heads")
+    clip_patch_size: int = option(4, "world CLIP: ViT patch size (the world renders 32x32)")
+    clip_projection_dim: int = option(32, "world CLIP: joint embedding size")
+
+    def build_world_clip(self, seed: int, image_size: int = 32):
+        """A random-init world CLIP reward of these sizes."""
+        return world_clip_reward(seed, image_size, self.clip_width, self.clip_layers, self.clip_heads,
+                                 self.clip_patch_size, self.clip_projection_dim)
+
+
+@dataclass
+class RewardTrainConfig(WorldCLIPSize, TrainConfig):
     output_dir: str = option("runs/reward", "run folder: checkpoints, metrics.jsonl, config.yaml, reward_model/, eval/")
     kind: str = option("pickscore", "pickscore (CLIP image reward, PickScore / HPSv2 style) | videoreward "
                                     "(VQ / MQ / TA on a Qwen2-VL backbone, VideoReward style)")
@@ -96,12 +113,7 @@ class RewardTrainConfig(TrainConfig):
                                             "(a seeded random subset; 0: all)")
     save_base: bool | None = option(None, "videoreward: save the backbone's base weights in the reward folder "
                                           "(None: unless it names a local base folder and only LoRA is trained)")
-    # sizes of model=world (ignored otherwise)
-    clip_width: int = option(64, "world pickscore: hidden size of both CLIP towers")
-    clip_layers: int = option(3, "world pickscore: layers per tower")
-    clip_heads: int = option(4, "world pickscore: attention heads")
-    clip_patch_size: int = option(4, "world pickscore: ViT patch size")
-    clip_projection_dim: int = option(32, "world pickscore: joint embedding size")
+    # sizes of model=world (ignored otherwise; the CLIP's are WorldCLIPSize's)
     video_hidden_size: int = option(96, "world videoreward: language model hidden size")
     video_layers: int = option(3, "world videoreward: language model layers")
     video_vision_width: int = option(48, "world videoreward: vision tower width")
@@ -196,8 +208,7 @@ def build_reward_model(cfg: RewardTrainConfig, fps: float | None = None):
                 from ..rewards import tiny_clip_reward
 
                 return tiny_clip_reward(seed=cfg.seed, image_size=cfg.resolution or 32)
-            return world_clip_reward(cfg.seed, cfg.resolution or 32, cfg.clip_width, cfg.clip_layers,
-                                     cfg.clip_heads, cfg.clip_patch_size, cfg.clip_projection_dim)
+            return cfg.build_world_clip(cfg.seed, cfg.resolution or 32)
         from ..rewards import (
             VideoReward,
             VideoRewardConfig,

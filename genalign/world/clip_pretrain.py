@@ -43,6 +43,7 @@ import torch
 
 from ..config import ConfigError
 from ..trainers.loop import TrainConfig, Trainer, eval_mode, option
+from ..trainers.reward import WorldCLIPSize
 from .corpus import miscaption
 from .grammar import image_splits, parse_prompt
 from .render import IMAGE_CORRUPTIONS, corrupt_image, render_image, to_uint8
@@ -54,7 +55,7 @@ DEFAULT_TEMPLATE_MIX = {"single": 0.2, "count": 0.2, "relation": 0.6}
 
 
 @dataclass
-class CLIPPretrainConfig(TrainConfig):
+class CLIPPretrainConfig(WorldCLIPSize, TrainConfig):
     output_dir: str = option("runs/world-clip", "run folder: checkpoints, metrics.jsonl, config.yaml, clip/")
     max_steps: int = option(2500, "optimizer steps")
     batch_size: int = option(256, "groups per batch (each group: a render, its hard negative and maybe degraded "
@@ -79,12 +80,7 @@ class CLIPPretrainConfig(TrainConfig):
                                            "negative of their caption")
     autoencoder: float = option(0.5, "share of groups passed through the world autoencoder's round trip")
     autoencoder_path: str | None = option(None, "the autoencoder folder (None: the shipped world autoencoder)")
-    # the model (a transformers CLIPModel with the world's word-level tokenizer)
-    clip_width: int = option(64, "hidden size of both towers")
-    clip_layers: int = option(3, "layers per tower")
-    clip_heads: int = option(4, "attention heads")
-    clip_patch_size: int = option(4, "ViT patch size (32x32 renders)")
-    clip_projection_dim: int = option(32, "joint embedding size")
+    # the model: a transformers CLIPModel with the world's word-level tokenizer, sized by WorldCLIPSize's keys
     eval_images: int = option(512, "held-out-prompt renders for the zero-shot check at the end (0: none)")
 
     def __post_init__(self):
@@ -262,14 +258,6 @@ def collate_caption_groups(groups: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
-def world_clip(cfg: CLIPPretrainConfig):
-    """The random-init world CLIP (a `CLIPReward` around a transformers CLIPModel) of the config's sizes."""
-    from ..trainers.reward import world_clip_reward
-
-    return world_clip_reward(cfg.seed, 32, cfg.clip_width, cfg.clip_layers, cfg.clip_heads, cfg.clip_patch_size,
-                             cfg.clip_projection_dim)
-
-
 def save_clip_folder(model, directory: Path) -> None:
     """A transformers CLIP folder (PickScore's layout): the CLIPModel (safetensors), the tokenizer and
     preprocessor_config.json. `CLIPReward._save_weights` writes exactly these files."""
@@ -346,7 +334,7 @@ class CLIPPretrainTrainer(Trainer):
         logger.info("caption pool: %d groups, %d pictures (%d quality negatives, %d autoencoded) in %.0f s",
                     len(pool), len(pool.images), int((~pool.positive).sum()), int(pool.autoencoded.sum()),
                     time.time() - t0)
-        trainer = cls(world_clip(config), config, pool)
+        trainer = cls(config.build_world_clip(config.seed), config, pool)
         trainer.pool_seconds = time.time() - t0
         return trainer
 
