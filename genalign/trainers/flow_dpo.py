@@ -432,5 +432,6 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_training(prog, train)
 
+
 if __name__ == "__main__":
     sys.exit(main())

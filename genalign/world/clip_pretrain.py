@@ -399,5 +399,6 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_training(prog, train)
 
+
 if __name__ == "__main__":
     raise SystemExit(main())
