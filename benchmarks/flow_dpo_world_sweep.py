@@ -36,7 +36,7 @@ from genalign.world import resolve_model
 from genalign.world.annotators import Annotator, make_preference_data, write_pickapic_parquet
 from genalign.world.grammar import heldout_eval_prompts, image_splits
 
-SAMPLING = dict(num_steps=20, guidance_scale=4.0, height=32, width=32)
+SAMPLING = {"num_steps": 20, "guidance_scale": 4.0, "height": 32, "width": 32}
 
 
 def make_pairs(args) -> None:
@@ -78,10 +78,10 @@ def train(args) -> None:
         cache.write_bytes(pickle.dumps(base))
     overrides = dict(item.split("=", 1) for item in args.overrides)
     dataset = load_preference_pairs(args.data, tie_policy=overrides.pop("tie_policy", "drop"))
-    cfg = dict(output_dir=f"runs/sweep/run-{args.name}", model=path, data=args.data, max_steps=400, batch_size=16,
-               lr=3e-4, beta=500.0, lora_rank=16, seed=0, checkpoint_every=10**6, log_every=20, report_to="none",
-               warmup_steps=20, max_sequence_length=kw.get("max_sequence_length"), progress_bar=False,
-               num_threads=1)
+    cfg = {"output_dir": f"runs/sweep/run-{args.name}", "model": path, "data": args.data, "max_steps": 400, "batch_size": 16,
+               "lr": 3e-4, "beta": 500.0, "lora_rank": 16, "seed": 0, "checkpoint_every": 10**6, "log_every": 20, "report_to": "none",
+               "warmup_steps": 20, "max_sequence_length": kw.get("max_sequence_length"), "progress_bar": False,
+               "num_threads": 1}
     cfg.update(overrides)
     shutil.rmtree(cfg["output_dir"], ignore_errors=True)
     t0 = time.time()

@@ -242,7 +242,7 @@ def cmd_world_pairs(args) -> int:
     from .world.annotators import Annotator, make_preference_data
     from .world.grammar import image_splits, video_splits
 
-    adapter, defaults, path = _load_model(args.model, args.kind, args.lora)
+    adapter, defaults, _path = _load_model(args.model, args.kind, args.lora)
     kind = "video" if adapter.is_video else "image"
     split = (image_splits() if kind == "image" else video_splits())
     pool = split.train if args.split == "train" else split.heldout

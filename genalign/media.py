@@ -51,7 +51,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, lossless: bo
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(fps=fps, macro_block_size=1)
+    kwargs = {"fps": fps, "macro_block_size": 1}
     if lossless:
         kwargs.update(codec="libx264rgb", output_params=["-crf", "0", "-preset", "ultrafast"], pixelformat="rgb24")
     with imageio.get_writer(str(path), **kwargs) as writer:

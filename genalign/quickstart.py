@@ -187,9 +187,9 @@ def _write_report(out: Path, report: dict, base_samples, aligned_samples, prompt
     lines = [
         f"# genalign quickstart ({cfg.kind}): Flow-DPO on the built-in world",
         "",
-        f"Held-out prompts: {report['base']['num_prompts']}, samples per prompt: {cfg.eval_samples_per_prompt}; "
+        (f"Held-out prompts: {report['base']['num_prompts']}, samples per prompt: {cfg.eval_samples_per_prompt}; "
         f"pairs: {report['pairs'].get('pairs', '?')} (ties dropped: {report['pairs'].get('ties_dropped', 0)}); "
-        f"Flow-DPO steps: {report['train']['steps']}; total {report['timings']['total_s']:.0f} s.",
+        f"Flow-DPO steps: {report['train']['steps']}; total {report['timings']['total_s']:.0f} s."),
         "",
         "| oracle | base | aligned | aligned - base |",
         "|---|---|---|---|",

@@ -12,8 +12,8 @@ for key, value in {
 }.items():
     os.environ.setdefault(key, value)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # One thread: on a 2-core machine torch's default of 2 threads per process makes tiny models 100x slower as
 # soon as anything else runs (measured: a tiny SD3 forward 0.36 s vs 2 ms).

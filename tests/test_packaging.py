@@ -49,7 +49,7 @@ def test_wheel_installs_into_a_clean_venv_and_imports_every_subpackage(tmp_path)
         print("ok", len({modules!r}), shipped)
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([py, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    out = subprocess.run([py, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
     # the shipped world models travel inside the wheel

@@ -26,7 +26,7 @@ def test_splits_are_fixed_disjoint_and_cover_every_template():
     s1, s2 = grammar.image_splits(), grammar.image_splits()
     assert s1 == s2
     assert not set(s1.train) & set(s1.heldout)
-    all_prompts = sum(grammar.all_image_prompts().values(), [])
+    all_prompts = [p for group in grammar.all_image_prompts().values() for p in group]
     assert sorted(s1.train + s1.heldout) == sorted(all_prompts)
     for part in (s1.train, s1.heldout):
         assert {grammar.parse_prompt(p).template for p in part} == {"single", "count", "relation"}

@@ -49,7 +49,7 @@ def test_built_video_model_loads_in_a_fresh_process(built):
 
     code = ("from genalign.models import load_adapter; "
             f"a = load_adapter({str(built / 'video-base')!r}, max_sequence_length=16); print(type(a.pipe.vae).__name__)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("FramewiseAutoencoderKL")
 

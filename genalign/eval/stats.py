@@ -14,7 +14,7 @@ def mean_ci(values, z: float = 1.96) -> dict[str, float]:
     if len(v) == 0:
         return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
     half = z * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan
-    return {"mean": float(v.mean()), "lo": float(v.mean() - half), "hi": float(v.mean() + half), "n": int(len(v))}
+    return {"mean": float(v.mean()), "lo": float(v.mean() - half), "hi": float(v.mean() + half), "n": len(v)}
 
 
 def per_prompt_means(prompts: list[str], values: list[float]) -> dict[str, float]:

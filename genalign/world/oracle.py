@@ -210,8 +210,8 @@ def judge_video(video, prompt: str | PromptSpec) -> Judgement:
     if len(present) < 2:
         return Judgement(VQ=vq, TA=0.0, MQ=0.0, details={"direction": None, "presence": presence})
     want = spec.objects[0]
-    color = max(set(o.color for o in present), key=[o.color for o in present].count)
-    shape = max(set(o.shape for o in present), key=[o.shape for o in present].count)
+    color = max({o.color for o in present}, key=[o.color for o in present].count)
+    shape = max({o.shape for o in present}, key=[o.shape for o in present].count)
     steps = np.array([i for i, f in enumerate(frames) if f.objects], dtype=float)
     cx = np.array([o.cx for o in present])
     cy = np.array([o.cy for o in present])

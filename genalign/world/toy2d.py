@@ -8,6 +8,7 @@ approximates the tilt. Distances between sample sets use the energy distance.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ class GaussianMixture2D:
     weights: torch.Tensor  # (K,), sums to 1
 
     @classmethod
-    def default(cls) -> "GaussianMixture2D":
+    def default(cls) -> GaussianMixture2D:
         """Four modes on a square; the reward below prefers the right-hand ones."""
         means = torch.tensor([[-1.5, -1.5], [-1.5, 1.5], [1.5, -1.5], [1.5, 1.5]])
         return cls(means, torch.full((4,), 0.35), torch.full((4,), 0.25))
@@ -50,7 +51,7 @@ class GaussianMixture2D:
         e_eps = (t / var_t)[..., None] * resid
         return (post[..., None] * (e_eps - e_x0)).sum(1)
 
-    def tilted_linear(self, direction: torch.Tensor, beta: float) -> "GaussianMixture2D":
+    def tilted_linear(self, direction: torch.Tensor, beta: float) -> GaussianMixture2D:
         """Exact tilt by r(x) = direction . x: each component's mean moves by s^2 a / beta, weights by exp(...)."""
         a = direction / beta
         means = self.means + self.stds[:, None] ** 2 * a[None]
@@ -77,7 +78,7 @@ def euler_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     """Integrate the flow ODE from noise (t=1) to data (t=0)."""
     x = torch.randn(n, 2, generator=generator)
     ts = flow.shifted_sigmas(steps)
-    for t, t_next in zip(ts[:-1], ts[1:]):
+    for t, t_next in itertools.pairwise(ts):
         x = x + (t_next - t) * velocity(x, t.expand(n))
     return x
 

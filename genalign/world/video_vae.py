@@ -99,7 +99,7 @@ class FramewiseAutoencoderKL(AutoencoderKL):
         return DecoderOutput(sample=out) if return_dict else (out,)
 
     @classmethod
-    def from_image_vae(cls, vae: AutoencoderKL, latents_mean, latents_std) -> "FramewiseAutoencoderKL":
+    def from_image_vae(cls, vae: AutoencoderKL, latents_mean, latents_std) -> FramewiseAutoencoderKL:
         cfg = {k: v for k, v in vae.config.items() if not k.startswith("_") and k in cls.__init__.__code__.co_varnames}
         cfg.update(latents_mean=list(latents_mean), latents_std=list(latents_std), z_dim=vae.config.latent_channels)
         out = cls(**cfg)
