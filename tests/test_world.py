@@ -240,3 +240,25 @@ def test_oracle_never_fails_on_arbitrary_pixels():
     video = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     j = judge_video(video, "red circle moving left")
     assert 0.0 <= j.MQ <= 1.0 and 0.0 <= j.TA <= 1.0
+
+
+def test_video_oracle_is_the_same_in_every_process_when_colours_tie():
+    """Half the frames red, half blue: the clip's colour is a tie, decided the same way whatever the hash seed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, numpy as np; from genalign.world.render import render_video; "
+            "from genalign.world.oracle import judge; "
+            "v = np.concatenate([render_video('red circle moving left', 3)[:4], "
+            "render_video('blue circle moving left', 3)[4:]]); "
+            "print(json.dumps([judge(v, p).as_dict() for p in ('red circle moving left', 'blue circle moving left')]))")
+    outs = set()
+    for hash_seed in ("0", "1", "2", "3", "4", "5"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        outs.add(out.stdout.strip())
+    assert len(outs) == 1
+    red, blue = json.loads(outs.pop())
+    assert red["TA"] > blue["TA"]  # the tie goes to the colour seen first

@@ -198,6 +198,12 @@ def judge_image(img, prompt: str | PromptSpec) -> Judgement:
     return Judgement(VQ=analysis.vq, TA=float(np.mean(checks)), details=details)
 
 
+def _most_common(values: list[str]) -> str:
+    """The most frequent value; a tie goes to the one seen first. (Not `max(set(values), ...)`: set order varies
+    with the process's hash seed, which made the same clip's TA differ between runs.)"""
+    return max(values, key=values.count)
+
+
 def judge_video(video, prompt: str | PromptSpec) -> Judgement:
     """Judge a clip (F, H, W, 3): VQ per frame, MQ from the trajectory, TA incl. the direction of motion."""
     spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
@@ -210,8 +216,8 @@ def judge_video(video, prompt: str | PromptSpec) -> Judgement:
     if len(present) < 2:
         return Judgement(VQ=vq, TA=0.0, MQ=0.0, details={"direction": None, "presence": presence})
     want = spec.objects[0]
-    color = max({o.color for o in present}, key=[o.color for o in present].count)
-    shape = max({o.shape for o in present}, key=[o.shape for o in present].count)
+    color = _most_common([o.color for o in present])
+    shape = _most_common([o.shape for o in present])
     steps = np.array([i for i, f in enumerate(frames) if f.objects], dtype=float)
     cx = np.array([o.cx for o in present])
     cy = np.array([o.cy for o in present])
