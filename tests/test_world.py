@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from genalign.data.media import read_video
+from genalign.media import save_png, write_video
 from genalign.world import grammar, toy2d
 from genalign.world.annotators import Annotator, label_image_pairs, label_video_pairs
 from genalign.world.corpus import CorpusShares, make_image_corpus, make_video_corpus, miscaption
@@ -198,6 +200,36 @@ def test_video_pairs_rows_in_videoalign_format(tmp_path):
     assert rows[0]["MQ"] == "A" and rows[1]["TA"] == "A"
     assert rows[1]["MQ"] == "same"  # both move smoothly
     assert (tmp_path / rows[0]["path_A"]).is_file() and rows[0]["fps_A"] == 8 and rows[0]["num_frames_A"] == 8
+
+
+def test_pairs_written_from_float_renders_keep_their_pixels(tmp_path):
+    """The renderer returns floats in [0, 1]; writing them used to cast straight to uint8: an all-black clip with a
+    label computed from the real one."""
+    p = "red circle moving left"
+    clip = render_video(p, 0)
+    rows = label_video_pairs(clip[None], render_video("red circle moving right", 0)[None], [p], Annotator(noise=0.0), tmp_path)
+    assert np.array_equal(read_video(tmp_path / rows[0]["path_A"]), to_uint8(clip))  # lossless MP4
+    image = render_image("red circle left of blue square", 0)
+    row = label_image_pairs(image[None], image[None], ["red circle left of blue square"], Annotator(noise=0.0))[0]
+    import io
+
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["jpg_0"]))), to_uint8(image))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.full((2, 8, 8, 3), 200.0), r"float pixels must lie in \[0, 1\], got values in \[200, 200\]"),
+    (np.zeros((2, 8, 8, 3), dtype=np.int64), "integer pixels must be uint8"),
+    (np.full((2, 8, 8, 3), np.nan), r"float pixels must lie in \[0, 1\]"),
+])
+def test_writing_pixels_of_an_unknown_scale_is_refused_naming_the_file(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message) as err:
+        write_video(tmp_path / "clip.mp4", bad)
+    assert "clip.mp4" in str(err.value) and not (tmp_path / "clip.mp4").exists()
+    with pytest.raises(ValueError, match=message):
+        save_png(tmp_path / "frame.png", bad[0])
+    assert not (tmp_path / "frame.png").exists()
 
 
 # ------------------------------------------------------------------ the 2-D toy

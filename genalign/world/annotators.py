@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..media import write_video
+from ..media import uint8_pixels, write_video
 from .oracle import judge
 
 LABELS = ("A", "B", "same")
@@ -52,7 +52,7 @@ def png_bytes(img: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
+    Image.fromarray(uint8_pixels(img, "a labelled pair's image")).save(buf, format="PNG")
     return buf.getvalue()
 
 

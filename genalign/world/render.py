@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ..media import unit_to_uint8
 from .grammar import COLORS, PromptSpec, parse_prompt
 
 IMAGE_SIZE = 32
@@ -181,5 +182,4 @@ def flicker_video(video: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(noisy, 0, 1).astype(np.float32)
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
+to_uint8 = unit_to_uint8  # the renderer's name for it
