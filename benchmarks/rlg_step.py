@@ -22,6 +22,7 @@ Checks before timing: one step of c and d give the same velocity. Printed last: 
 
     python benchmarks/rlg_step.py                     # CPU, a small SD3 config (random weights)
     python benchmarks/rlg_step.py --gpu               # SD3.5-medium-sized MMDiT (GPU.md), bf16, 512 and 1024 px
+    python benchmarks/rlg_step.py --smoke             # the --gpu path's block types and bf16, tiny, on the CPU
 JSON goes to $OUT/rlg_step.json or --out.
 """
 
@@ -47,6 +48,9 @@ SD35_MEDIUM = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_laye
                "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
                "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 384, "qk_norm": "rms_norm",
                "dual_attention_layers": tuple(range(13))}  # GPU.md
+# --smoke: SD3.5-medium's block types (dual attention in the first half, qk rms-norm) at a few layers and small
+# widths, in bf16 on the CPU: the --gpu path's code, checked where no GPU is (not a timing)
+SD35_SHAPED_TINY = {**SMALL, "num_layers": 4, "qk_norm": "rms_norm", "dual_attention_layers": (0, 1)}
 
 
 def sync(device):
@@ -297,6 +301,8 @@ def check_offload() -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="SD3.5-medium-sized transformer, bf16, 512 and 1024 px")
+    ap.add_argument("--smoke", action="store_true", help="CPU: the --gpu path's block types in bf16 at a tiny size "
+                                                         "(a check of the code path, not a timing)")
     ap.add_argument("--px", type=int, nargs="*", help="resolutions (default: 64 on CPU, 512 1024 with --gpu)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
@@ -317,6 +323,8 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
     else:
         device, dtype, cfg = torch.device("cpu"), torch.float32, SMALL
+        if args.smoke:
+            dtype, cfg = torch.bfloat16, SD35_SHAPED_TINY
         pxs, steps, rounds, tokens, vae_factor = args.px or [64], args.steps or 6, args.rounds or 3, 32, 2
         blocks = args.reward_blocks or 2
     from diffusers import StableDiffusion3Pipeline

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,3 +54,20 @@ def test_reward_throughput_cpu_reports_batched_and_reload_per_call_items_per_sec
         assert set(rows) == {"reload_per_call", "resident_bs1", "resident_bs4"}
         assert all(r["items_per_s"] > 0 for r in rows.values())
         assert entry["speedup_best_vs_reload"] > 0 and entry["best_resident"]["items_per_s"] > 0
+
+
+@pytest.mark.parametrize("mode, dtype, tolerance", [((), "torch.float32", 1e-4), (("--smoke",), "torch.bfloat16", 5e-2)])
+def test_rlg_step_times_every_variant_and_checks_rlg_against_the_public_method(tmp_path, mode, dtype, tolerance):
+    """The CPU mode and --smoke (the --gpu path's SD3.5 block types in bf16, tiny): every variant timed, and one
+    step of genalign's mixed batch equals the public two-call method."""
+    out = tmp_path / "rlg.json"
+    run_script("rlg_step.py", *mode, "--steps", "2", "--rounds", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["meta"]["dtype"] == dtype
+    if mode:
+        assert report["meta"]["config"]["qk_norm"] == "rms_norm" and report["meta"]["config"]["dual_attention_layers"]
+    (result,) = report["results"]
+    assert set(result["step_ms"]) == {"a_stock_cfg", "b_genalign_cfg", "c_public_rlg", "d_genalign_rlg",
+                                      "d2_genalign_rlg_seq", "d3_rlg_peft_mixed", "e_nrg", "e2_rlg_nrg"}
+    assert all(ms > 0 for ms in result["step_ms"].values()) and result["ratio_to_stock_cfg"]["a_stock_cfg"] == 1.0
+    assert result["check_public_vs_mixed_rel_maxdiff"] < tolerance
