@@ -14,6 +14,7 @@ from genalign.losses import clip_contrastive_loss
 from genalign.world.clip_pretrain import (
     CLIPPretrainConfig,
     CLIPPretrainTrainer,
+    autoencoder_round_trip,
     collate_caption_groups,
     hard_negative_prompt,
     make_caption_pool,
@@ -79,6 +80,20 @@ def test_infonce_multi_positive_and_quality_negatives_match_the_formula():
 def test_infonce_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="image_caption"):
         clip_contrastive_loss(unit(4, 8, 0), unit(3, 8, 1), 0.0)
+
+
+def test_autoencoder_round_trip_keeps_a_render_and_refuses_float_pixels():
+    from genalign.world.clip_pretrain import load_world_autoencoder
+    from genalign.world.oracle import judge_image
+    from genalign.world.render import render_image, to_uint8
+
+    prompt = "red circle left of blue square"
+    image = render_image(prompt, 0)
+    vae = load_world_autoencoder()
+    (back,) = autoencoder_round_trip(to_uint8(image)[None], vae)
+    assert back.dtype == np.uint8 and judge_image(back, prompt).TA == 1.0
+    with pytest.raises(ValueError, match="takes uint8 pixels, got float32"):
+        autoencoder_round_trip(image[None], vae)  # read as uint8 these would be near-black pixels
 
 
 def test_hard_negatives_change_one_thing_and_stay_in_the_allowed_split():

@@ -180,6 +180,9 @@ def _render_chunk(args) -> tuple[np.ndarray, list[str], list[bool], list[int], l
 def autoencoder_round_trip(images: np.ndarray, vae, batch_size: int = 1024, device: str | torch.device = "cpu"
                            ) -> np.ndarray:
     """uint8 (N, H, W, 3) -> the autoencoder's reconstructions (posterior mean, decoded), uint8."""
+    if images.dtype != np.uint8:  # floats in [0, 1] would be read as near-black pixels
+        raise ValueError(f"autoencoder_round_trip takes uint8 pixels, got {images.dtype} (the renderer's floats: "
+                         f"genalign.world.render.to_uint8 first)")
     out = np.empty_like(images)
     vae = vae.to(device)
     for i in range(0, len(images), batch_size):
