@@ -268,6 +268,27 @@ def test_videoreward_trains_on_a_videoalign_csv_with_per_dimension_labels(videoa
     assert report["MQ"]["ceiling_with_ties"] == 1.0 and report["Overall"]["label"] == "overall"
 
 
+def test_preloading_video_pairs_in_threads_keeps_order_and_names_a_broken_file(videoalign, tmp_path):
+    import shutil
+
+    from genalign.data import DataError
+
+    dataset = load_preference_pairs(str(videoalign), tie_policy="half")
+    threaded, sequential = PreloadedPairs(dataset, workers=3).pairs, PreloadedPairs(dataset, workers=1).pairs
+    assert [p.source for p in threaded] == [dataset.record_info(i)["source"] for i in range(len(dataset))]
+    for a, b in zip(threaded, sequential):
+        assert a.prompt == b.prompt and a.labels == b.labels
+        assert np.array_equal(a.media_a, b.media_a) and np.array_equal(a.media_b, b.media_b)
+    # a clip that became unreadable after the CSV was checked: the load stops with the row and column
+    root = tmp_path / "copy"
+    shutil.copytree(videoalign.parent, root)
+    broken = load_preference_pairs(str(root / "pairs.csv"), tie_policy="half")
+    (root / broken.records[5].b.path.relative_to(root)).write_bytes(b"not an mp4")
+    with pytest.raises(DataError, match=r"pairs.csv.*row 5|row 5.*pairs.csv") as err:
+        PreloadedPairs(broken, workers=3)
+    assert "path_b" in str(err.value).lower()
+
+
 def test_zero_weight_dimensions_are_left_out_of_the_loss(videoalign, tmp_path):
     cfg = RewardTrainConfig(kind="videoreward", model="tiny", data=str(videoalign), output_dir=str(tmp_path / "r"),
                             max_steps=1, batch_size=4, dims={"VQ": 1, "MQ": 1, "TA": 0}, **quiet())
