@@ -239,19 +239,31 @@ def cmd_world_build(args) -> int:
 def cmd_world_pairs(args) -> int:
     import random
 
-    from .world.annotators import Annotator, make_preference_data
+    from .world.annotators import Annotator, make_preference_data, make_render_pairs
     from .world.grammar import image_splits, video_splits
 
+    annotator = Annotator(tie_margin=args.tie_margin, noise=args.noise, seed=args.seed)
+
+    def draw_prompts(kind):
+        split = (image_splits() if kind == "image" else video_splits())
+        pool = split.train if args.split == "train" else split.heldout
+        return [random.Random(args.seed + i).choice(pool) for i in range(args.num_pairs)], set(pool)
+
+    if args.source == "renders":
+        if args.model or args.lora:
+            raise SystemExit("error: --source renders draws the renderer, not a model: leave out --model / --lora")
+        kind = args.kind or "image"
+        prompts, pool = draw_prompts(kind)
+        out = make_render_pairs(kind, prompts, args.out, annotator, seed=args.seed, allowed=pool,
+                                autoencoder=args.autoencoder)
+        print(f"wrote {args.num_pairs} labelled {kind} render pairs to {out}")
+        return 0
     adapter, defaults, _path = _load_model(args.model, args.kind, args.lora)
     kind = "video" if adapter.is_video else "image"
-    split = (image_splits() if kind == "image" else video_splits())
-    pool = split.train if args.split == "train" else split.heldout
-    prompts = [random.Random(args.seed + i).choice(pool) for i in range(args.num_pairs)]
+    prompts, _pool = draw_prompts(kind)
     kw = _sampling_kwargs(args, defaults, adapter)
     kw.update(_guidance(args, adapter, kw))
-    out = make_preference_data(adapter, kind, prompts, args.out,
-                               Annotator(tie_margin=args.tie_margin, noise=args.noise, seed=args.seed),
-                               seed=args.seed, **kw)
+    out = make_preference_data(adapter, kind, prompts, args.out, annotator, seed=args.seed, **kw)
     print(f"wrote {args.num_pairs} labelled {kind} pairs to {out}")
     return 0
 
@@ -405,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "heldout"], default="train")
     p.add_argument("--noise", type=float, default=0.10, help="annotator noise rate")
     p.add_argument("--tie-margin", type=float, default=0.05)
+    p.add_argument("--source", choices=["model", "renders"], default="model",
+                   help="model: two samples of the model per prompt; renders: the prompt's render vs the render of "
+                        "a one-attribute-swapped prompt of the same split (a text-alignment stage 1 for a reward "
+                        "model; genalign.world.annotators.make_render_pairs)")
+    p.add_argument("--autoencoder", type=float, default=0.5,
+                   help="--source renders: share of pairs passed through the world autoencoder")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_world_pairs)
     return parser

@@ -77,6 +77,31 @@ def test_world_pairs_writes_pickapic_parquet_readable_by_the_data_reader(tmp_pat
     assert pair.media_a.shape == (32, 32, 3) and pair.label in (0.0, 0.5, 1.0)
 
 
+def test_world_pairs_from_renders_pit_each_train_prompt_against_a_one_attribute_swap(tmp_path):
+    """`--source renders`: the prompt's clip (A) vs the clip of a swapped train prompt, same seed; TA goes to A;
+    half the pairs through the autoencoder (every clip written as lossless uint8 MP4, none black)."""
+    genalign("world", "pairs", "--kind", "video", "--source", "renders", "--num-pairs", "8", "--noise", "0",
+             "--out", tmp_path)
+    from genalign.data import load_preference_pairs
+    from genalign.world.grammar import video_splits
+    from genalign.world.oracle import judge_video
+    from genalign.world.render import render_video, to_uint8
+
+    ds = load_preference_pairs(tmp_path / "pairs.csv", tie_policy="half")
+    train = set(video_splits().train)
+    assert len(ds) == 8 and all(p in train for p in ds.prompts)
+    exact = 0
+    for i in range(len(ds)):
+        pair = ds[i]
+        assert pair.labels["TA"] == 1.0
+        assert judge_video(pair.media_a, pair.prompt).TA > judge_video(pair.media_b, pair.prompt).TA
+        assert pair.media_a.mean() > 10 and pair.media_b.mean() > 10  # not black
+        exact += np.array_equal(pair.media_a, to_uint8(render_video(pair.prompt, i)))
+    assert 0 < exact < 8  # some pairs are plain renders, some went through the autoencoder
+    bad = genalign("world", "pairs", "--source", "renders", "--model", "x", "--out", tmp_path / "b", check=False)
+    assert bad.returncode != 0 and "leave out --model" in bad.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

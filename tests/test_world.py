@@ -202,6 +202,21 @@ def test_video_pairs_rows_in_videoalign_format(tmp_path):
     assert (tmp_path / rows[0]["path_A"]).is_file() and rows[0]["fps_A"] == 8 and rows[0]["num_frames_A"] == 8
 
 
+def test_render_pairs_for_images_differ_in_one_attribute_and_label_the_prompts_render(tmp_path):
+    from genalign.data import load_preference_pairs
+    from genalign.world.annotators import make_render_pairs
+
+    prompts = grammar.image_splits().train[:6]
+    path = make_render_pairs("image", prompts, tmp_path, Annotator(noise=0.0), seed=3, autoencoder=0.0,
+                             allowed=set(grammar.image_splits().train))
+    ds = load_preference_pairs(path, tie_policy="half")
+    assert ds.prompts == prompts and ds.stats["a_wins"] == 6
+    for i, p in enumerate(prompts):
+        assert np.array_equal(ds[i].media_a, to_uint8(render_image(p, 3 * 1_000_003 + i)))
+    with pytest.raises(ValueError, match="kind must be"):
+        make_render_pairs("audio", prompts, tmp_path, Annotator(noise=0.0))
+
+
 def test_pairs_written_from_float_renders_keep_their_pixels(tmp_path):
     """The renderer returns floats in [0, 1]; writing them used to cast straight to uint8: an all-black clip with a
     label computed from the real one."""

@@ -114,6 +114,41 @@ def write_videoalign_csv(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
+def make_render_pairs(kind: str, prompts: list[str], out_dir: str | Path, annotator: Annotator, *, seed: int = 0,
+                      allowed: set[str] | None = None, autoencoder: float = 0.5) -> Path:
+    """Labelled pairs without the generator: each prompt's render (A) against the render of a one-attribute-swapped
+    prompt (B: `clip_pretrain.hard_negative_prompt`, drawn from `allowed`, e.g. the train split), with the same
+    seed, so the two differ in that attribute only. A share `autoencoder` of the pairs goes through the world
+    autoencoder (frame by frame for videos) so they look like the generators' output. Labelled by `annotator` as
+    sampled pairs are: TA goes to A, VQ / MQ are mostly ties.
+
+    What it is for: a stage 1 that teaches text alignment to a reward model with no pretrained text-vision grounding
+    (the world's tiny VideoReward), as captioned renders do for the world CLIP. Written like `make_preference_data`
+    (Pick-a-Pic parquet / VideoAlign CSV under out_dir)."""
+    from .clip_pretrain import autoencoder_round_trip, hard_negative_prompt, load_world_autoencoder
+    from .render import render_image, render_video, to_uint8
+
+    if kind not in ("image", "video"):
+        raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
+    render = render_image if kind == "image" else render_video
+    rng = random.Random(seed)
+    negatives = [hard_negative_prompt(p, rng, allowed) for p in prompts]
+    a = np.stack([to_uint8(render(p, seed * 1_000_003 + i)) for i, p in enumerate(prompts)])
+    b = np.stack([to_uint8(render(q, seed * 1_000_003 + i)) for i, q in enumerate(negatives)])
+    through = np.array([rng.random() < autoencoder for _ in prompts], dtype=bool)
+    if through.any():
+        vae = load_world_autoencoder()
+        for arr in (a, b):
+            picked = arr[through]
+            frames = picked.reshape(-1, *picked.shape[-3:])  # videos: every frame on its own
+            arr[through] = autoencoder_round_trip(frames, vae).reshape(picked.shape)
+    out_dir = Path(out_dir)
+    if kind == "image":
+        return write_pickapic_parquet(label_image_pairs(a, b, prompts, annotator), out_dir / "pairs.parquet")
+    rows = label_video_pairs(a, b, prompts, annotator, out_dir, prefix="render")
+    return write_videoalign_csv(rows, out_dir / "pairs.csv")
+
+
 def make_preference_data(adapter, kind: str, prompts: list[str], out_dir: str | Path, annotator: Annotator,
                          seed: int = 0, progress: bool = True, **sampling) -> Path:
     """Sample two outputs per prompt from `adapter` and write labelled pairs (parquet or CSV) under out_dir."""
