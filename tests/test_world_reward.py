@@ -87,7 +87,8 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
         reward_pickscore_overrides={"max_steps": 2, "batch_size": 4, "report_to": "none", "normalization_pairs": 2},
         reward_video_overrides={"max_steps": 2, "batch_size": 2, "report_to": "none", "normalization_pairs": 2,
                                 "video_hidden_size": 32, "video_layers": 1, "video_vision_width": 16,
-                                "video_vision_depth": 1})
+                                "video_vision_depth": 1},
+        reward_video_render_pairs=4, reward_video_render_overrides={"max_steps": 2, "dims": {"VQ": 0, "MQ": 0, "TA": 1}})
     build_world(out, cfg, ("reward",))
     stats = json.loads((out / "BUILD.json").read_text())["reward"]["stats"]
     assert stats["command"].startswith("genalign world build --only reward ") and " reward_image_pairs=6" in stats["command"]
@@ -99,5 +100,11 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
     for loss in ("btt", "bt"):
         assert set(stats[f"videoreward_{loss}"]["heldout"]) >= {"VQ", "MQ", "TA"}
         assert "loss=" + loss in stats[f"videoreward_{loss}"]["overrides"]
+    # the optional stage 1 on render pairs, then each video model continued from it
+    assert stats["video_render_pairs"]["pairs"] == 4 and "--source renders" in stats["video_render_pairs"]["command"]
+    for loss in ("btt", "bt"):
+        stage1 = stats[f"videoreward_{loss}_renders"]["overrides"]
+        assert "max_steps=2" in stage1 and any(o.startswith("data=") and "video-render-pairs" in o for o in stage1)
+        assert f"model={tmp_path / 'rw' / f'videoreward-{loss}-renders' / 'reward_model'}" in stats[f"videoreward_{loss}"]["overrides"]
     # shipped only when above chance: at 2 steps on 4 pairs it is not
     assert stats["videoreward_btt"]["shipped"] is None or (out / REWARD_MODEL_DIRS["video"]).is_dir()

@@ -64,6 +64,10 @@ class BuildConfig:
     reward_video_heldout_pairs: int = 192
     reward_video_recipe: str = "reward_videoreward_world"
     reward_video_overrides: dict = field(default_factory=lambda: {"max_steps": 400})  # 8 epochs of 768 pairs
+    # optional video stage 1 (0: none): TA on render pairs (`genalign world pairs --source renders`) before the pairs
+    reward_video_render_pairs: int = 0
+    reward_video_render_overrides: dict = field(
+        default_factory=lambda: {"max_steps": 1200, "dims": {"VQ": 0, "MQ": 0, "TA": 1}})  # TA only: VQ/MQ tie there
     reward_compare: bool = True  # also train PickScore from scratch and the video model with plain BT (the report)
 
 

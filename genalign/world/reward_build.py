@@ -11,7 +11,9 @@
    (`genalign train reward --kind pickscore`, recipe `reward_pickscore_recipe`, `model=<the CLIP folder>`).
    With `reward_compare`, the same fine-tuning from a random-init CLIP is trained too (the ablation).
 3. Video: a VideoReward-style model (tiny Qwen2-VL, recipe `reward_video_recipe`, BTT loss); with
-   `reward_compare` also plain BT on the same pairs.
+   `reward_compare` also plain BT on the same pairs. With `reward_video_render_pairs` > 0, each first learns text
+   alignment on that many render pairs (`make_render_pairs`: a prompt's clip vs a one-attribute-swapped prompt's,
+   clean labels; `reward_video_render_overrides`, TA only by default) and then trains on the sampled pairs.
 4. Held-out accuracies (without / with ties, chance, ceiling; `genalign.eval.reward_eval`) of every model go to
    BUILD.json; the PickScore model is shipped as `image-reward/`, the video model as `video-reward/` when one of
    its dimensions is above chance by more than two standard errors. Each must be under 5 MB.
@@ -89,6 +91,25 @@ def ensure_pairs(model_dir: Path, kind: str, n: int, split: str, seed: int, fold
         make_pairs(model_dir, kind, n, split, seed, folder)
     return {"path": str(file), "pairs": n, "seed": seed, "split": split, "reused": reused,
             "seconds": round(time.time() - t0, 1), "command": pairs_command(kind, model_dir, n, split, seed, folder)}
+
+
+def ensure_render_pairs(n: int, seed: int, folder: Path) -> dict[str, Any]:
+    """Video render pairs of the train split, as `genalign world pairs --kind video --source renders --num-pairs N
+    --seed S --out FOLDER` writes them (reused when `folder` holds exactly n)."""
+    from .annotators import Annotator, make_render_pairs
+    from .grammar import video_splits
+
+    file = folder / "pairs.csv"
+    t0 = time.time()
+    reused = count_pairs(file) == n
+    if not reused:
+        pool = video_splits().train
+        prompts = [random.Random(seed + i).choice(pool) for i in range(n)]
+        # clean labels: a render is what its prompt says, as a caption is for the CLIP's stage 1
+        make_render_pairs("video", prompts, folder, Annotator(noise=0.0, seed=seed), seed=seed, allowed=set(pool))
+    return {"path": str(file), "pairs": n, "seed": seed, "reused": reused, "seconds": round(time.time() - t0, 1),
+            "command": f"genalign world pairs --kind video --source renders --num-pairs {n} --seed {seed} "
+                       f"--noise 0 --out {folder}"}
 
 
 def folder_bytes(path: Path) -> int:
@@ -244,12 +265,25 @@ def build_reward_models(out: Path, cfg) -> dict[str, Any]:
                                ("heldout", cfg.reward_video_heldout_pairs, cfg.seed + 1)):
             pairs[split] = ensure_pairs(model_dir, "video", n, split, seed, work / f"video-pairs-{split}")
         stats["video_pairs"] = pairs
+        if cfg.reward_video_render_pairs:
+            stats["video_render_pairs"] = ensure_render_pairs(cfg.reward_video_render_pairs, cfg.seed,
+                                                              work / "video-render-pairs")
         losses = ["btt", "bt"] if cfg.reward_compare else ["btt"]
         for loss in losses:
             name = f"videoreward_{loss}"
+            start = []
+            if cfg.reward_video_render_pairs:  # stage 1: text alignment on the render pairs, same loss
+                stage1 = [f"data={stats['video_render_pairs']['path']}", f"eval_data={pairs['heldout']['path']}",
+                          f"loss={loss}", f"output_dir={work / (name.replace('_', '-') + '-renders')}", *common,
+                          *as_overrides(cfg.reward_video_overrides), *as_overrides(cfg.reward_video_render_overrides)]
+                trainer, result, seconds = train_reward(cfg.reward_video_recipe, stage1)
+                stats[name + "_renders"] = {"recipe": cfg.reward_video_recipe, "overrides": stage1,
+                                            "seconds": round(seconds, 1),
+                                            "heldout": summarize_eval(trainer.eval_result)}
+                start = [f"model={result.final_model_dir}"]
             overrides = [f"data={pairs['train']['path']}", f"eval_data={pairs['heldout']['path']}", f"loss={loss}",
                          f"output_dir={work / name.replace('_', '-')}", *common,
-                         *as_overrides(cfg.reward_video_overrides)]
+                         *as_overrides(cfg.reward_video_overrides), *start]
             trainer, result, seconds = train_reward(cfg.reward_video_recipe, overrides)
             summary = summarize_eval(trainer.eval_result)
             stats[name] = {"recipe": cfg.reward_video_recipe, "overrides": overrides, "seconds": round(seconds, 1),
