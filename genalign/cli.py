@@ -237,30 +237,22 @@ def cmd_world_build(args) -> int:
 
 
 def cmd_world_pairs(args) -> int:
-    import random
-
     from .world.annotators import Annotator, make_preference_data, make_render_pairs
-    from .world.grammar import image_splits, video_splits
+    from .world.grammar import pair_prompts, split_prompts
 
     annotator = Annotator(tie_margin=args.tie_margin, noise=args.noise, seed=args.seed)
-
-    def draw_prompts(kind):
-        split = (image_splits() if kind == "image" else video_splits())
-        pool = split.train if args.split == "train" else split.heldout
-        return [random.Random(args.seed + i).choice(pool) for i in range(args.num_pairs)], set(pool)
-
     if args.source == "renders":
         if args.model or args.lora:
             raise SystemExit("error: --source renders draws the renderer, not a model: leave out --model / --lora")
         kind = args.kind or "image"
-        prompts, pool = draw_prompts(kind)
-        out = make_render_pairs(kind, prompts, args.out, annotator, seed=args.seed, allowed=pool,
-                                autoencoder=args.autoencoder)
+        # the swapped prompts come from the same split: held-out prompts stay unseen by a model trained on these
+        out = make_render_pairs(kind, pair_prompts(kind, args.split, args.num_pairs, args.seed), args.out, annotator,
+                                seed=args.seed, autoencoder=args.autoencoder, allowed=set(split_prompts(kind, args.split)))
         print(f"wrote {args.num_pairs} labelled {kind} render pairs to {out}")
         return 0
     adapter, defaults, _path = _load_model(args.model, args.kind, args.lora)
     kind = "video" if adapter.is_video else "image"
-    prompts, _pool = draw_prompts(kind)
+    prompts = pair_prompts(kind, args.split, args.num_pairs, args.seed)
     kw = _sampling_kwargs(args, defaults, adapter)
     kw.update(_guidance(args, adapter, kw))
     out = make_preference_data(adapter, kind, prompts, args.out, annotator, seed=args.seed, **kw)

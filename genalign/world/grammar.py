@@ -147,6 +147,19 @@ def video_splits() -> Splits:
     return _split(all_video_prompts(), _SPLIT_SEED + 100)
 
 
+def split_prompts(kind: str, split: str) -> list[str]:
+    """The `split` ("train" | "heldout") prompts of `kind` ("image" | "video")."""
+    splits = image_splits() if kind == "image" else video_splits()
+    return splits.train if split == "train" else splits.heldout
+
+
+def pair_prompts(kind: str, split: str, n: int, seed: int) -> list[str]:
+    """The prompts of `genalign world pairs`: pair i's prompt is `Random(seed + i).choice(<kind's split>)`, so a
+    larger run with the same seed starts with the pairs of a smaller one."""
+    pool = split_prompts(kind, split)
+    return [random.Random(seed + i).choice(pool) for i in range(n)]
+
+
 def heldout_eval_prompts(kind: str = "image", n: int = 64, seed: int = 0) -> list[str]:
     """A fixed, template-balanced subset of the held-out prompts used by `genalign eval`."""
     held = image_splits().heldout if kind == "image" else video_splits().heldout

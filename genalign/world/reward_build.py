@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import random
 import shutil
 import time
 from pathlib import Path
@@ -48,13 +47,11 @@ def make_pairs(model_dir: Path, kind: str, num_pairs: int, split: str, seed: int
     from ..models import load_adapter
     from . import resolve_model
     from .annotators import Annotator, make_preference_data
-    from .grammar import image_splits, video_splits
+    from .grammar import pair_prompts
 
     path, adapter_kwargs, defaults = resolve_model(str(model_dir), kind)
     adapter = load_adapter(path, **adapter_kwargs)
-    splits = image_splits() if kind == "image" else video_splits()
-    pool = splits.train if split == "train" else splits.heldout
-    prompts = [random.Random(seed + i).choice(pool) for i in range(num_pairs)]
+    prompts = pair_prompts(kind, split, num_pairs, seed)
     keys = ("num_steps", "guidance_scale", "height", "width") + (("num_frames",) if kind == "video" else ())
     sampling = {k: defaults[k] for k in keys}
     return make_preference_data(adapter, kind, prompts, out, Annotator(tie_margin=tie_margin, noise=noise, seed=seed),
@@ -97,16 +94,15 @@ def ensure_render_pairs(n: int, seed: int, folder: Path) -> dict[str, Any]:
     """Video render pairs of the train split, as `genalign world pairs --kind video --source renders --num-pairs N
     --seed S --out FOLDER` writes them (reused when `folder` holds exactly n)."""
     from .annotators import Annotator, make_render_pairs
-    from .grammar import video_splits
+    from .grammar import pair_prompts, split_prompts
 
     file = folder / "pairs.csv"
     t0 = time.time()
     reused = count_pairs(file) == n
     if not reused:
-        pool = video_splits().train
-        prompts = [random.Random(seed + i).choice(pool) for i in range(n)]
         # clean labels: a render is what its prompt says, as a caption is for the CLIP's stage 1
-        make_render_pairs("video", prompts, folder, Annotator(noise=0.0, seed=seed), seed=seed, allowed=set(pool))
+        make_render_pairs("video", pair_prompts("video", "train", n, seed), folder, Annotator(noise=0.0, seed=seed),
+                          seed=seed, allowed=set(split_prompts("video", "train")))
     return {"path": str(file), "pairs": n, "seed": seed, "reused": reused, "seconds": round(time.time() - t0, 1),
             "command": f"genalign world pairs --kind video --source renders --num-pairs {n} --seed {seed} "
                        f"--noise 0 --out {folder}"}
