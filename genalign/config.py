@@ -1,7 +1,7 @@
 """Typed configs: dataclasses filled from YAML recipes and `key=value` overrides, saved with every run.
 
 An unknown key is an error that names the key and the closest known ones; values are converted to the
-field's type (bool, int, float, str, tuples/lists from comma-separated text or YAML lists).
+field's type (bool, int, float, str, tuples/lists from comma-separated text, `[a, b]` or YAML lists).
 """
 
 from __future__ import annotations
@@ -38,7 +38,14 @@ def _convert(value: Any, typ, key: str):
                 continue
         raise ConfigError(f"config key {key!r}: cannot read {value!r} as {typ}")
     if origin in (list, tuple):
-        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+        if isinstance(value, str) and value.strip().startswith("["):  # YAML / JSON list syntax: [a, b] or ["a"]
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config key {key!r}: cannot read {value!r} as a list") from e
+            if not isinstance(value, list):
+                raise ConfigError(f"config key {key!r}: cannot read {value!r} as a list")
+        items = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
         inner = args[0] if args else str
         conv = [_convert(v, inner, key) for v in items]
         return tuple(conv) if origin is tuple else conv

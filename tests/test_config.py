@@ -27,6 +27,22 @@ def test_overrides_are_converted_to_the_field_types():
     assert from_dict(Example, {"limit": "7"}).limit == 7
 
 
+@pytest.mark.parametrize("text", ["to_q,to_k", "to_q, to_k", "[to_q, to_k]", '["to_q", "to_k"]'])
+def test_a_list_override_reads_commas_and_yaml_list_syntax_alike(text):
+    # `[to_q, to_k]` used to become the single target "[to_q"... and `to_q, to_k` kept the space in " to_k"
+    assert load_config(Example, None, [f"targets={text}"]).targets == ("to_q", "to_k")
+
+
+def test_a_misspelt_world_reward_kind_is_an_error_not_an_empty_build():
+    from genalign.world.build import BuildConfig
+
+    assert load_config(BuildConfig, None, ["reward_kinds=[video]"]).reward_kinds == ("video",)
+    with pytest.raises(ConfigError, match=r"reward_kinds.*\['vidoe'\]"):
+        load_config(BuildConfig, None, ["reward_kinds=vidoe"])
+    with pytest.raises(ConfigError, match="cannot read '\\[video' as a list"):
+        load_config(BuildConfig, None, ["reward_kinds=[video"])
+
+
 def test_unknown_key_names_it_and_suggests_the_closest():
     with pytest.raises(ConfigError, match=r"unknown config key 'stepz'; did you mean steps"):
         from_dict(Example, {"stepz": 3})

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import flow
+from ..config import ConfigError
 from ..models.tiny import autoencoder_kl, clip_text_encoder, sd3_transformer
 from . import DEFAULT_SAMPLING
 from .corpus import make_image_corpus
@@ -69,6 +70,11 @@ class BuildConfig:
     reward_video_render_overrides: dict = field(
         default_factory=lambda: {"max_steps": 1200, "dims": {"VQ": 0, "MQ": 0, "TA": 1}})  # TA only: VQ/MQ tie there
     reward_compare: bool = True  # also train PickScore from scratch and the video model with plain BT (the report)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.reward_kinds) - {"image", "video"})
+        if unknown:  # a misspelt kind would otherwise build nothing, silently
+            raise ConfigError(f"config key 'reward_kinds': {unknown} are not reward kinds (image, video)")
 
 
 def small_vae(seed: int):
