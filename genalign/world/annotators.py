@@ -83,11 +83,15 @@ def write_pickapic_parquet(rows: list[dict], path: str | Path) -> Path:
 
 
 def label_video_pairs(a: np.ndarray, b: np.ndarray, prompts: list[str], annotator: Annotator, out_dir: str | Path,
-                      fps: int = 8, prefix: str = "pair") -> list[dict]:
+                      fps: int = 8, prefix: str = "pair", progress: bool = True) -> list[dict]:
     """Write each clip as MP4 under out_dir/videos and return VideoAlign CSV rows (paths relative to out_dir)."""
+    from tqdm.auto import tqdm
+
     out_dir = Path(out_dir)
     rows = []
-    for i, (va, vb, p) in enumerate(zip(a, b, prompts)):
+    pairs = tqdm(enumerate(zip(a, b, prompts)), total=len(prompts), desc="judging and writing clips", mininterval=5,
+                 disable=not progress or len(prompts) < 64)  # about 4 pairs/s: thousands take minutes
+    for i, (va, vb, p) in pairs:
         ja, jb = judge(va, p).as_dict(), judge(vb, p).as_dict()
         pa, pb = f"videos/{prefix}{i:05d}_A.mp4", f"videos/{prefix}{i:05d}_B.mp4"
         write_video(out_dir / pa, va, fps=fps)
@@ -115,7 +119,7 @@ def write_videoalign_csv(rows: list[dict], path: str | Path) -> Path:
 
 
 def make_render_pairs(kind: str, prompts: list[str], out_dir: str | Path, annotator: Annotator, *, seed: int = 0,
-                      allowed: set[str] | None = None, autoencoder: float = 0.5) -> Path:
+                      allowed: set[str] | None = None, autoencoder: float = 0.5, progress: bool = True) -> Path:
     """Labelled pairs without the generator: each prompt's render (A) against the render of a one-attribute-swapped
     prompt (B: `clip_pretrain.hard_negative_prompt`, drawn from `allowed`, e.g. the train split), with the same
     seed, so the two differ in that attribute only. A share `autoencoder` of the pairs goes through the world
@@ -145,7 +149,7 @@ def make_render_pairs(kind: str, prompts: list[str], out_dir: str | Path, annota
     out_dir = Path(out_dir)
     if kind == "image":
         return write_pickapic_parquet(label_image_pairs(a, b, prompts, annotator), out_dir / "pairs.parquet")
-    rows = label_video_pairs(a, b, prompts, annotator, out_dir, prefix="render")
+    rows = label_video_pairs(a, b, prompts, annotator, out_dir, prefix="render", progress=progress)
     return write_videoalign_csv(rows, out_dir / "pairs.csv")
 
 
@@ -159,5 +163,5 @@ def make_preference_data(adapter, kind: str, prompts: list[str], out_dir: str | 
     out_dir = Path(out_dir)
     if kind == "image":
         return write_pickapic_parquet(label_image_pairs(a, b, ps, annotator), out_dir / "pairs.parquet")
-    rows = label_video_pairs(a, b, ps, annotator, out_dir)
+    rows = label_video_pairs(a, b, ps, annotator, out_dir, progress=progress)
     return write_videoalign_csv(rows, out_dir / "pairs.csv")
