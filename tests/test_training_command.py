@@ -39,3 +39,23 @@ def test_other_errors_keep_their_traceback_and_recipes_resolve_by_name():
     assert recipe_arg("flow_dpo_world").endswith("flow_dpo_world.yaml")
     assert recipe_arg("no_such_recipe") == "no_such_recipe"  # load_config then names the missing file
     assert recipe_arg(None) is None
+
+
+def test_train_and_report_prints_the_model_and_the_evaluation(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from genalign.trainers.command import train_and_report
+
+    class Trained:  # what train_and_report reads of a trainer after train()
+        eval_result = None
+
+        def train(self):
+            return SimpleNamespace(step=7, final_model_dir=tmp_path / "model", output_dir=tmp_path)
+
+    trainer = Trained()
+    assert train_and_report(trainer, "reward model", str) == 0
+    assert capsys.readouterr().out == f"done: step 7, reward model at {tmp_path / 'model'}\n"
+    trainer.eval_result = {"TA": 0.6}
+    train_and_report(trainer, "latent reward model", lambda r: f"table {r['TA']}", "latent_reward_eval.json")
+    assert capsys.readouterr().out.splitlines()[1:] == ["table 0.6",
+                                                        f"evaluation: {tmp_path / 'eval' / 'latent_reward_eval.json'}"]

@@ -72,3 +72,14 @@ def run_training(prog: str, body: Callable[[], int]) -> int:
             raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+
+
+def train_and_report(trainer, what: str, format_eval: Callable[[dict], str], eval_file: str = "") -> int:
+    """Train, then print where the model is and, when the run evaluated on held-out data, the table and its file
+    (`eval_file` under the run's eval/ folder)."""
+    result = trainer.train()
+    print(f"done: step {result.step}, {what} at {result.final_model_dir}")
+    if trainer.eval_result is not None:
+        print(format_eval(trainer.eval_result))
+        print(f"evaluation: {result.output_dir / 'eval' / eval_file}")
+    return 0

@@ -755,7 +755,7 @@ def format_eval_table(result: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ command line
 def main(argv: list[str] | None = None) -> int:
     """`genalign train latent-reward --config RECIPE [--resume latest] [key=value ...]`."""
-    from .command import parse_training_args, recipe_arg, run_training, training_parser
+    from .command import parse_training_args, recipe_arg, run_training, train_and_report, training_parser
 
     prog = "genalign train latent-reward"
     parser = training_parser(prog, __doc__.split("\n\n")[0], default_config="latent_reward_world",
@@ -767,13 +767,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def train() -> int:
         config = load_config(LatentRewardTrainConfig, recipe_arg(args.config), overrides)
-        trainer = LatentRewardTrainer.from_config(config)
-        result = trainer.train()
-        print(f"done: step {result.step}, latent reward model at {result.final_model_dir}")
-        if trainer.eval_result is not None:
-            print(format_eval_table(trainer.eval_result))
-            print(f"evaluation: {result.output_dir / 'eval' / 'latent_reward_eval.json'}")
-        return 0
+        return train_and_report(LatentRewardTrainer.from_config(config), "latent reward model", format_eval_table,
+                                "latent_reward_eval.json")
 
     return run_training(prog, train)
 

@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     """`genalign train reward --kind pickscore|videoreward [--config RECIPE] [--resume latest] [key=value ...]`.
 
     Without --config, the kind's shipped world recipe (reward_<kind>_world) is used."""
-    from .command import parse_training_args, recipe_arg, run_training, training_parser
+    from .command import parse_training_args, recipe_arg, run_training, train_and_report, training_parser
 
     prog = "genalign train reward"
     parser = training_parser(prog, __doc__.split("\n\n")[0],
@@ -546,15 +546,10 @@ def main(argv: list[str] | None = None) -> int:
             recipe_kind = (yaml.safe_load(Path(recipe).read_text()) or {}).get("kind")
             if recipe_kind and recipe_kind != args.kind:
                 raise ConfigError(f"recipe {recipe!r} is for kind={recipe_kind}, but --kind {args.kind} was given")
-        trainer = RewardTrainer.from_config(load_config(RewardTrainConfig, recipe, overrides))
-        result = trainer.train()
-        print(f"done: step {result.step}, reward model at {result.final_model_dir}")
-        if trainer.eval_result is not None:
-            from ..eval.reward_eval import format_table
+        from ..eval.reward_eval import format_table
 
-            print(format_table(trainer.eval_result))
-            print(f"evaluation: {result.output_dir / 'eval'}")
-        return 0
+        trainer = RewardTrainer.from_config(load_config(RewardTrainConfig, recipe, overrides))
+        return train_and_report(trainer, "reward model", format_table)
 
     return run_training(prog, train)
 
