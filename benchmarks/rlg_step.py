@@ -32,14 +32,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SMALL = {"sample_size": 32, "patch_size": 2, "in_channels": 16, "num_layers": 6, "attention_head_dim": 32,
          "num_attention_heads": 4, "joint_attention_dim": 128, "caption_projection_dim": 128,
