@@ -23,8 +23,8 @@ and ratios to GPU.md's anchor (plain eager loop, H100: 319 ms / 101 TFLOP/s at 5
 Variants: eager (the trainer's step as is), raw (the same compute_loss + backward + AdamW without the loop's
 bookkeeping), ckpt (gradient_checkpointing=True), compile (torch.compile of each transformer block, default
 mode), compile_ckpt, compile_full (the whole transformer); eager and compile variants are then timed again on the
-same trainer with `fast_toggles` (a "+fast" row: the host-side change proposed for the trainer, same numbers and
-same compiled graphs). Each configuration that fails (OOM, a missing package) is recorded in the JSON and the
+same trainer with `stock_toggles` (a "+stock" row: `Module.train()` walks and LoRA layers listed per call, as the
+trainer did before it cached them; same numbers, same compiled graphs). Each configuration that fails (OOM, a missing package) is recorded in the JSON and the
 run goes on; the JSON is rewritten after every configuration.
 
     python benchmarks/flow_dpo_step.py                 # CPU, the world's image architecture (random weights)
@@ -277,38 +277,28 @@ def dynamo_stats() -> dict:
             "graph_break_reasons": sorted(counters["graph_break"])[:5]}
 
 
-def fast_toggles(adapter) -> None:
-    """The host-side change proposed for the trainer, applied to this adapter only: switch the LoRA off and on
-    with peft's per-layer flag over a cached list of LoRA layers (no `named_modules` walk, no peft version check,
-    no requires_grad flips: the reference runs under no_grad), and set train / eval mode over a cached module list
-    (what `Module.train` does, without the recursion). Same numbers, same compiled graphs; on the 2.24 B model the
-    stock calls cost ~13 ms (disable + enable) and ~13 ms (eval + train) of CPU time per step, plus the loop's
-    `train()` (~7 ms)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    denoiser = adapter.denoiser
-    layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
-    modules = list(denoiser.modules())
-    if any(getattr(m, "merged", False) for m in layers):
-        raise RuntimeError("fast_toggles: merged LoRA layers need peft's own disable (it unmerges)")
+@contextlib.contextmanager
+def stock_toggles():
+    """How the trainer switched modes and the LoRA before it cached them (the "+stock" row): `Module.train()`
+    walking the module tree on each call, and the LoRA layers listed anew for each reference pass. Same numbers,
+    same compiled graphs; only host time differs."""
+    from genalign.guidance.core import BASE
+    from genalign.guidance.lora import adapter_state
+    from genalign.models.base import FlowAdapter
+    from genalign.trainers import loop
 
     @contextlib.contextmanager
-    def lora_disabled():
-        for m in layers:
-            m._disable_adapters = True
-        try:
+    def lora_disabled(self):
+        with adapter_state([self.denoiser], BASE):
             yield
-        finally:
-            for m in layers:
-                m._disable_adapters = False
 
-    def train(mode: bool = True):
-        for m in modules:
-            m.training = mode
-        return denoiser
-
-    adapter.lora_disabled = lora_disabled  # instance attributes shadow the methods
-    denoiser.train = train  # Module.eval() calls self.train(False): eval_mode and the loop's train() both use it
+    saved = loop.set_training, FlowAdapter.lora_disabled
+    loop.set_training = lambda module, mode=True: module.train(mode)
+    FlowAdapter.lora_disabled = lora_disabled
+    try:
+        yield
+    finally:
+        loop.set_training, FlowAdapter.lora_disabled = saved
 
 
 def measure_steps(step, args, device, warmup: int) -> dict:
@@ -327,7 +317,7 @@ def run_scale_variant(name: str, px: int, cfg: dict, args, device, tokens: int, 
     """Build the model and genalign's FlowDPOTrainer (LoRA rank 16 on the attention projections, reference =
     the adapter switched off, winners + losers in one batched forward, AdamW, bf16 mixed precision) on a
     synthetic latent cache; count one step's FLOPs (eager, once per resolution), warm up, time `args.steps`.
-    Then (unless --no-fast, not for raw / ckpt) the same trainer again with `fast_toggles`: a "+fast" row."""
+    Then (unless --no-stock-toggles, not for raw / ckpt) the same trainer again with `stock_toggles`: a "+stock" row."""
     import tempfile
 
     from gpu_common import allocated_gib, reset_peak
@@ -410,17 +400,17 @@ def run_scale_variant(name: str, px: int, cfg: dict, args, device, tokens: int, 
 
     shutil.rmtree(config.output_dir, ignore_errors=True)  # nothing is written there (no checkpoint, no log)
     rows = [row(name, measure_steps(step, args, device, args.warmup), bool(spec.get("compile")))]
-    if args.fast and not spec.get("raw") and not spec.get("ckpt"):
+    if args.stock_toggles and not spec.get("raw") and not spec.get("ckpt"):
         from gpu_common import log
 
-        log(f"{name} @ {px}: {rows[0]['ms_per_step']:.1f} ms/step; again with fast_toggles ...")
+        log(f"{name} @ {px}: {rows[0]['ms_per_step']:.1f} ms/step; again with the stock mode / LoRA toggles ...")
         try:
-            fast_toggles(adapter)
-            rows.append(row(name + "+fast", measure_steps(step, args, device, 1), False))
+            with stock_toggles():
+                rows.append(row(name + "+stock", measure_steps(step, args, device, 1), False))
         except Exception as e:  # noqa: BLE001 - the first row stands
             from gpu_common import error_record
 
-            rows.append({"variant": name + "+fast", "px": px, **error_record(e)})
+            rows.append({"variant": name + "+stock", "px": px, **error_record(e)})
     return rows
 
 
@@ -578,8 +568,9 @@ def main() -> None:
     parser.add_argument("--px", type=int, nargs="*", help="at scale: resolutions (default 512 1024; tiny 64 128)")
     parser.add_argument("--variants", nargs="*", help=f"at scale: any of {', '.join(VARIANTS)}")
     parser.add_argument("--text-tokens", type=int, default=None, help="at scale: text tokens (default 333)")
-    parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                        help="at scale: also time eager / compile variants with fast_toggles (a '+fast' row)")
+    parser.add_argument("--stock-toggles", action=argparse.BooleanOptionalAction, default=True,
+                        help="at scale: also time eager / compile variants with the uncached mode / LoRA "
+                             "toggles (a '+stock' row)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)

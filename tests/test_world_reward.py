@@ -108,3 +108,29 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
         assert f"model={tmp_path / 'rw' / f'videoreward-{loss}-renders' / 'reward_model'}" in stats[f"videoreward_{loss}"]["overrides"]
     # shipped only when above chance: at 2 steps on 4 pairs it is not
     assert stats["videoreward_btt"]["shipped"] is None or (out / REWARD_MODEL_DIRS["video"]).is_dir()
+
+
+def test_a_build_of_one_reward_kind_keeps_the_record_of_the_other():
+    from genalign.world.reward_build import merge_reward_entry
+
+    both = {"config": {"reward_kinds": ["image", "video"], "reward_video_pairs": 768}, "torch": "2.0",
+            "stats": {"command": "genalign world build --only reward", "device": "gpu", "total_s": 9.0,
+                      "image_pairs": {"train": 1}, "clip_pretrain": {"s": 1}, "pickscore": {"acc": 0.65},
+                      "video_pairs": {"train": 768}, "videoreward_btt": {"acc": 0.73}, "videoreward_bt": {"acc": 0.7}}}
+    video = {"config": {"reward_kinds": ["video"], "reward_video_pairs": 3072}, "torch": "2.1",
+             "stats": {"command": "genalign world build --only reward reward_kinds=video", "device": "cpu",
+                       "video_pairs": {"train": 3072}, "videoreward_btt": {"acc": 0.78}}}
+    merged = merge_reward_entry(both, json.loads(json.dumps(video)), ["video"])
+    stats = merged["stats"]
+    assert stats["videoreward_btt"] == {"acc": 0.78} and stats["video_pairs"] == {"train": 3072}
+    assert "videoreward_bt" not in stats  # not rebuilt here: the old one was trained on other pairs
+    assert stats["pickscore"] == {"acc": 0.65} and stats["clip_pretrain"] == {"s": 1}
+    assert stats["command"].endswith("reward_kinds=video") and merged["config"]["reward_video_pairs"] == 3072
+    assert merged["kept"]["image"]["config"]["reward_video_pairs"] == 768
+    assert merged["kept"]["image"]["device"] == "gpu" and merged["kept"]["image"]["command"] == both["stats"]["command"]
+    # a later image-only build keeps the video record of the video build, and the image record is replaced
+    image = {"config": {"reward_kinds": ["image"]}, "torch": "2.2", "stats": {"command": "c3", "pickscore": {"acc": 0.7}}}
+    again = merge_reward_entry(merged, image, ["image"])
+    assert again["stats"]["videoreward_btt"] == {"acc": 0.78} and again["stats"]["pickscore"] == {"acc": 0.7}
+    assert set(again["kept"]) == {"video"} and again["kept"]["video"]["config"]["reward_video_pairs"] == 3072
+    assert merge_reward_entry(None, image, ["image"]) is image

@@ -300,6 +300,12 @@ def build_world(out_dir: Path, cfg: BuildConfig, which: tuple[str, ...] = STAGES
         stats["total_s"] = time.time() - t0
         report[kind] = {"config": asdict(cfg), "stats": stats, "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "machine": platform.machine()}
+        if kind == "reward":  # a build of some reward kinds keeps the record of the others
+            from .reward_build import merge_reward_entry
+
+            previous = json.loads((out_dir / "BUILD.json").read_text()).get("reward") \
+                if (out_dir / "BUILD.json").is_file() else None
+            report[kind] = merge_reward_entry(previous, report[kind], cfg.reward_kinds)
         _merge_report(out_dir / "BUILD.json", kind, report[kind])
     return report
 

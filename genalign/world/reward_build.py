@@ -196,6 +196,34 @@ def build_command(cfg) -> str:
     return " ".join(parts)
 
 
+def stats_kind(key: str) -> str | None:
+    """Which reward kind a BUILD.json reward stats entry belongs to (None: the run as a whole)."""
+    if key.startswith("video"):
+        return "video"
+    if key.startswith(("image", "clip", "pickscore")):
+        return "image"
+    return None
+
+
+def merge_reward_entry(previous: dict | None, entry: dict, kinds) -> dict:
+    """The BUILD.json `reward` entry of a build of some reward kinds (`reward_kinds=[video]`) keeps the record of
+    the kinds it left alone: their stats, and under `kept` how they were built (config, command, device, torch).
+    Without this, rebuilding the video model would erase the record of the shipped image model."""
+    if not previous:
+        return entry
+    kept = {kind: record for kind, record in previous.get("kept", {}).items() if kind not in kinds}
+    for kind in ("image", "video"):
+        old = {k: v for k, v in previous["stats"].items() if stats_kind(k) == kind}
+        if kind in kinds or not old:
+            continue
+        entry["stats"].update(old)
+        kept.setdefault(kind, {"config": previous["config"], "torch": previous.get("torch"),  # as first recorded
+                               **{k: v for k, v in previous["stats"].items() if stats_kind(k) is None}})
+    if kept:
+        entry["kept"] = kept
+    return entry
+
+
 def build_reward_models(out: Path, cfg) -> dict[str, Any]:
     """Stage `reward` (module docstring). `cfg`: a `genalign.world.build.BuildConfig`."""
     from ..config import load_config
