@@ -22,9 +22,10 @@ and ratios to GPU.md's anchor (plain eager loop, H100: 319 ms / 101 TFLOP/s at 5
 1024 px, peak 15.9 / 41.5 GiB; target >= 2x the TFLOP/s at 512 px, >= 1.4x at 1024 px, peak no higher).
 Variants: eager (the trainer's step as is), raw (the same compute_loss + backward + AdamW without the loop's
 bookkeeping), ckpt (gradient_checkpointing=True), compile (torch.compile of each transformer block, default
-mode), compile_ckpt, compile_full (the whole transformer); eager and compile variants are then timed again on the
-same trainer with `stock_toggles` (a "+stock" row: `Module.train()` walks and LoRA layers listed per call, as the
-trainer did before it cached them; same numbers, same compiled graphs). Each configuration that fails (OOM, a missing package) is recorded in the JSON and the
+mode), compile_ckpt, compile_full (the whole transformer). At 512 px the eager step is launch-bound and its time
+depends on what ran before it in the process: in two runs on one H200 the same computation took 401 / 372 ms
+when timed first and 245 / 327 ms when timed again in the same process (cause not isolated), so compare eager
+variants at 512 px from separate runs with care. Each configuration that fails (OOM, a missing package) is recorded in the JSON and the
 run goes on; the JSON is rewritten after every configuration.
 
     python benchmarks/flow_dpo_step.py                 # CPU, the world's image architecture (random weights)
@@ -37,7 +38,6 @@ JSON: $OUT/flow_dpo_step_cpu.json (CPU), flow_dpo_step_cuda.json / flow_dpo_step
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -277,30 +277,6 @@ def dynamo_stats() -> dict:
             "graph_break_reasons": sorted(counters["graph_break"])[:5]}
 
 
-@contextlib.contextmanager
-def stock_toggles():
-    """How the trainer switched modes and the LoRA before it cached them (the "+stock" row): `Module.train()`
-    walking the module tree on each call, and the LoRA layers listed anew for each reference pass. Same numbers,
-    same compiled graphs; only host time differs."""
-    from genalign.guidance.core import BASE
-    from genalign.guidance.lora import adapter_state
-    from genalign.models.base import FlowAdapter
-    from genalign.trainers import loop
-
-    @contextlib.contextmanager
-    def lora_disabled(self):
-        with adapter_state([self.denoiser], BASE):
-            yield
-
-    saved = loop.set_training, FlowAdapter.lora_disabled
-    loop.set_training = lambda module, mode=True: module.train(mode)
-    FlowAdapter.lora_disabled = lora_disabled
-    try:
-        yield
-    finally:
-        loop.set_training, FlowAdapter.lora_disabled = saved
-
-
 def measure_steps(step, args, device, warmup: int) -> dict:
     from gpu_common import peak_gib, reset_peak, time_calls, wall
 
@@ -316,8 +292,7 @@ def measure_steps(step, args, device, warmup: int) -> dict:
 def run_scale_variant(name: str, px: int, cfg: dict, args, device, tokens: int, flops_cache: dict) -> list[dict]:
     """Build the model and genalign's FlowDPOTrainer (LoRA rank 16 on the attention projections, reference =
     the adapter switched off, winners + losers in one batched forward, AdamW, bf16 mixed precision) on a
-    synthetic latent cache; count one step's FLOPs (eager, once per resolution), warm up, time `args.steps`.
-    Then (unless --no-stock-toggles, not for raw / ckpt) the same trainer again with `stock_toggles`: a "+stock" row."""
+    synthetic latent cache; count one step's FLOPs (eager, once per resolution), warm up, time `args.steps`."""
     import tempfile
 
     from gpu_common import allocated_gib, reset_peak
@@ -399,19 +374,7 @@ def run_scale_variant(name: str, px: int, cfg: dict, args, device, tokens: int, 
         return r
 
     shutil.rmtree(config.output_dir, ignore_errors=True)  # nothing is written there (no checkpoint, no log)
-    rows = [row(name, measure_steps(step, args, device, args.warmup), bool(spec.get("compile")))]
-    if args.stock_toggles and not spec.get("raw") and not spec.get("ckpt"):
-        from gpu_common import log
-
-        log(f"{name} @ {px}: {rows[0]['ms_per_step']:.1f} ms/step; again with the stock mode / LoRA toggles ...")
-        try:
-            with stock_toggles():
-                rows.append(row(name + "+stock", measure_steps(step, args, device, 1), False))
-        except Exception as e:  # noqa: BLE001 - the first row stands
-            from gpu_common import error_record
-
-            rows.append({"variant": name + "+stock", "px": px, **error_record(e)})
-    return rows
+    return [row(name, measure_steps(step, args, device, args.warmup), bool(spec.get("compile")))]
 
 
 def scale_main(args) -> None:
@@ -568,9 +531,6 @@ def main() -> None:
     parser.add_argument("--px", type=int, nargs="*", help="at scale: resolutions (default 512 1024; tiny 64 128)")
     parser.add_argument("--variants", nargs="*", help=f"at scale: any of {', '.join(VARIANTS)}")
     parser.add_argument("--text-tokens", type=int, default=None, help="at scale: text tokens (default 333)")
-    parser.add_argument("--stock-toggles", action=argparse.BooleanOptionalAction, default=True,
-                        help="at scale: also time eager / compile variants with the uncached mode / LoRA "
-                             "toggles (a '+stock' row)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)

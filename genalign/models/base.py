@@ -200,17 +200,11 @@ class FlowAdapter:
 
         The per-layer flag is set directly (genalign.guidance.lora.adapter_state) rather than through
         `disable_adapters()` / `enable_adapters()`: those also flip `requires_grad` of every LoRA parameter and
-        re-enable adapters the user had switched off, and on the world model cost 3.4 ms per step vs 0.5 ms.
-        The LoRA layers are listed once per set of adapters (a walk of a large transformer's modules is host
-        time a launch-bound GPU step waits for; see trainers.loop.set_training)."""
+        re-enable adapters the user had switched off, and on the world model cost 3.4 ms per step vs 0.5 ms."""
         from ..guidance.core import BASE
-        from ..guidance.lora import adapter_state, lora_layers
+        from ..guidance.lora import adapter_state
 
-        key = tuple(getattr(self.denoiser, "peft_config", None) or ())
-        cached = getattr(self, "_lora_layers_cache", None)
-        if cached is None or cached[0] != key or cached[1] is not self.denoiser:
-            cached = self._lora_layers_cache = (key, self.denoiser, lora_layers([self.denoiser]))
-        with adapter_state([self.denoiser], BASE, layers=cached[2]):
+        with adapter_state([self.denoiser], BASE):
             yield
 
     def lora_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:

@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import time
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,40 +303,15 @@ def _has_nonfinite(obj) -> bool:
     return False
 
 
-_MODULE_LISTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def set_training(module: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
-    """`module.train(mode)` through a cached list of its submodules.
-
-    `Module.train` walks the whole module tree on every call, and a training step calls it three times (the
-    loop's train(), the reference pass's eval and back). On a 2.24 B-parameter transformer those walks, with the
-    LoRA toggles' walk, were host time that a launch-bound GPU step waited for: 401 -> 245 ms per Flow-DPO step
-    at 512 px on an H200 (benchmarks/flow_dpo_step.py). The list is rebuilt when the module's adapters change
-    (the modules added after setup are LoRA layers); a module that overrides `train` gets its own call."""
-    key = tuple(getattr(module, "peft_config", None) or ())
-    cached = _MODULE_LISTS.get(module)
-    if cached is None or cached[0] != key:
-        modules = list(module.modules())
-        if any(type(m).train is not torch.nn.Module.train for m in modules):
-            modules = None  # an override (a frozen BatchNorm, say) must run: the plain recursive call
-        cached = _MODULE_LISTS[module] = (key, modules)
-    if cached[1] is None:
-        return module.train(mode)
-    for m in cached[1]:
-        m.training = mode
-    return module
-
-
 @contextlib.contextmanager
 def eval_mode(module: torch.nn.Module):
     """Run `module` in eval mode (no dropout) inside the block, restoring its training flag after."""
     was_training = module.training
-    set_training(module, False)
+    module.eval()
     try:
         yield module
     finally:
-        set_training(module, was_training)
+        module.train(was_training)
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -773,7 +747,7 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches: (the step's record, an error to raise after
         logging it when too many non-finite steps came in a row)."""
         cfg, acc = self.config, self.accelerator
-        set_training(self.model, True)
+        self.model.train()
         sums: dict[str, float] = {}
         nonfinite_loss = batch_nonfinite = False
         for _ in range(cfg.grad_accum):
