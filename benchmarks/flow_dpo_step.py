@@ -253,20 +253,6 @@ def synthetic_cache(n: int, latent_shape, tokens: int, cfg: dict, seed: int = 0)
             for i in range(n)]
 
 
-def compile_denoiser(transformer, how: str) -> None:
-    """torch.compile, default mode. "blocks": each transformer block (regional compilation: identical blocks share
-    their compiled code, so compile time is that of the 3 block kinds); "full": the whole transformer."""
-    import torch._dynamo
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per resolution (no slower dynamic one)
-    if how == "full":
-        transformer.compile()
-    else:
-        for block in transformer.transformer_blocks:
-            block.compile()
-
-
 def dynamo_stats() -> dict:
     try:
         from torch._dynamo.utils import counters
@@ -299,7 +285,7 @@ def run_scale_variant(name: str, px: int, cfg: dict, args, device, tokens: int, 
 
     from genalign.models import SD3Adapter
     from genalign.trainers import FlowDPOConfig, FlowDPOTrainer
-    from genalign.trainers.loop import to_device
+    from genalign.trainers.loop import compile_model, to_device
 
     spec = VARIANTS[name]
     t0 = time.perf_counter()
@@ -351,7 +337,7 @@ def run_scale_variant(name: str, px: int, cfg: dict, args, device, tokens: int, 
         from torch._dynamo.utils import counters
 
         counters.clear()
-        compile_denoiser(adapter.denoiser, spec["compile"])
+        compile_model(adapter.denoiser, spec["compile"])  # what the trainer's compile= does, after the FLOP count
     common = {
         "px": px, "pairs": args.pairs, "latent_shape": list(latent_shape), "flops_per_step": flops,
         "flops_note": flops_note, "flops_by_op": flops_cache[px]["by_op"], "build_s": round(build_s, 2),

@@ -83,6 +83,8 @@ class TrainConfig:
     ema_decay: float = option(0.0, "EMA of the trainable parameters (0: off; e.g. 0.999); saved next to the weights")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, slower)")
     attention_backend: str = option("sdpa", "sdpa (PyTorch, default) | xformers (used only if it loads; else SDPA with a warning)")
+    compile: str = option("no", "torch.compile the trained network: no | blocks (each transformer block; compiles "
+                                "once per block kind) | full (the whole network: the fastest measured at 512 px)")
     checkpoint_every: int = option(500, "write a checkpoint every N steps (and at the end); 0: only at the end")
     keep_checkpoints: int = option(3, "keep the newest N checkpoints (0: keep all)")
     log_every: int = option(10, "append to metrics.jsonl and the trackers every N steps")
@@ -115,6 +117,8 @@ class TrainConfig:
             bad("mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             bad("attention_backend", f"must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
+        if self.compile not in COMPILE_MODES:
+            bad("compile", f"must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if not 0 <= self.ema_decay < 1:
             bad("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         if self.max_nonfinite_in_a_row < 1:
@@ -323,6 +327,36 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         raise ConfigError(f"config key 'gradient_checkpointing': {type(model).__name__} does not support it")
 
 
+COMPILE_MODES = ("no", "blocks", "full")
+
+
+def compile_model(model: torch.nn.Module, how: str) -> None:
+    """torch.compile (default mode), in place: parameter names and checkpoints stay as they were.
+
+    "full": the whole network. On an H200, an SD3.5-medium-sized Flow-DPO LoRA step with 2 pairs at 512 px took
+    147 ms compiled whole, 193 ms compiled per block and 401 ms eager (benchmarks/flow_dpo_step.py; the eager
+    step is launch-bound there); at 1024 px per block 421 ms vs 694 ms eager. "blocks": every module of the
+    network's `*blocks` lists (regional compilation: identical blocks share their code, so compile time is that of
+    the distinct block kinds: 44-54 s vs 177 s whole at that size)."""
+    import torch._dynamo
+
+    if how == "no":
+        return
+    # one static graph per shape (a dynamic-shape recompile is slower), and room for the shapes of eval batches
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    if how == "full":
+        model.compile()
+        return
+    blocks = [block for name, child in model.named_children() if name.endswith("blocks")
+              and isinstance(child, torch.nn.ModuleList) for block in child]
+    if not blocks:
+        raise ConfigError(f"config key 'compile': {type(model).__name__} has no '*blocks' module lists to compile "
+                          "one by one; use compile=full")
+    for block in blocks:
+        block.compile()
+
+
 def configure_attention(model: torch.nn.Module, backend: str) -> str:
     """SDPA is diffusers' default; xformers only when asked for AND its extension loads. Returns the backend used."""
     if backend != "xformers":
@@ -399,6 +433,7 @@ class Trainer:
                 if p.dtype != torch.float32:
                     p.data = p.data.float()
         self.params = [p for _, p in self.named_trainable]
+        compile_model(self.model, config.compile)
 
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
