@@ -4,6 +4,8 @@ mixed-adapter batches against sequential passes, the adapter-level combiners, an
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import pytest
@@ -413,7 +415,7 @@ def test_pair_loss_noises_both_items_with_the_same_t_and_noise():
     assert torch.isfinite(bt)
 
 
-def test_auto_mixed_batch_is_chosen_by_size_on_cuda_only(sd3_two_loras):
+def test_auto_mixed_batch_is_chosen_by_layer_kind_and_size_on_cuda_only(sd3_two_loras):
     plan = RLGPlan.build([sd3_two_loras.denoiser], experts={"a": 1.5})
     assert plan.mixed and plan.auto
 
@@ -426,9 +428,21 @@ def test_auto_mixed_batch_is_chosen_by_size_on_cuda_only(sd3_two_loras):
 
     from genalign.guidance.denoiser import MIXED_BATCH_AUTO_MAX_ELEMENTS as limit
 
-    assert plan.use_mixed(Sample(16 * 64 * 64, True))  # SD3 512 px: measured faster mixed
-    assert not plan.use_mixed(Sample(16 * 128 * 128, True))  # 1024 px: measured faster sequential
-    assert plan.use_mixed(Sample(4 * limit, False))  # CPU: always mixed
+    # plain LoRA layers: the row-sliced mixed batch, measured faster than sequential passes at 512 and 1024 px
+    assert plan.row_sliced
+    assert plan.use_mixed(Sample(16 * 64 * 64, True)) and plan.use_mixed(Sample(16 * 128 * 128, True))
+    # a layer on peft's adapter_names path (DoRA, say): mixed only up to the size where that path was faster
+    peft_path = dataclasses.replace(plan, row_sliced=False)
+    assert peft_path.use_mixed(Sample(16 * 64 * 64, True))  # SD3 512 px: measured faster mixed
+    assert not peft_path.use_mixed(Sample(16 * 128 * 128, True))  # 1024 px: measured faster sequential
+    assert peft_path.use_mixed(Sample(4 * limit, False))  # CPU: always mixed
+    from peft import LoraConfig
+
+    with_dora = copy.deepcopy(sd3_two_loras.denoiser)
+    with_dora.add_adapter(LoraConfig(r=2, use_dora=True, target_modules=["proj_out"]), adapter_name="d")
+    dora_plan = RLGPlan.build([with_dora], experts={"a": 1.5, "d": 0.5})
+    assert not dora_plan.row_sliced and not dora_plan.mixed  # peft refuses DoRA in a mixed batch: sequential
+    assert not dora_plan.use_mixed(Sample(16 * 64 * 64, True))
     forced = RLGPlan.build([sd3_two_loras.denoiser], experts={"a": 1.5}, mixed_batch=True)
     assert forced.use_mixed(Sample(16 * 128 * 128, True))
     assert not RLGPlan.build([sd3_two_loras.denoiser], experts={"a": 1.5}, mixed_batch=False).use_mixed(

@@ -47,16 +47,19 @@ from .lora import (
     check_not_merged,
     lora_layers,
     mixed_batch_problem,
+    row_sliceable,
 )
 
 CURRENT = "__current__"  # the fine-tuned model as the user configured the pipeline (active adapters as they are)
 
-# rlg_mixed_batch="auto" on CUDA: one mixed-adapter forward only up to this many latent elements per sample.
-# Measured on an SD3.5-medium-sized MMDiT, bf16 (benchmarks/rlg_step.py, H100; GPU.md's H200 anchors agree):
-# 512 px (16x64x64 = 65536 elements) mixed 1.39x vs sequential 1.72x of a CFG step; 1024 px (262144) mixed
-# 2.39x vs sequential 1.89x. Those figures are for peft's `adapter_names` path, which gathers and scatters every
-# LoRA layer's rows; the row-sliced path that replaced it (genalign.guidance.lora.MixedBatchHooks) has not been
-# timed on a GPU yet, so the threshold stays. On the CPU the mixed batch is never slower: always used there.
+# rlg_mixed_batch="auto" on CUDA. Measured on an SD3.5-medium-sized MMDiT, bf16, CFG 4.5 (benchmarks/rlg_step.py,
+# H200, 2026-11-26), per denoising step vs the stock CFG step (88 / 90 ms at 512 / 1024 px):
+#   row-sliced mixed batch (MixedBatchHooks): 0.69x at 512 px, 1.81x at 1024 px
+#   peft's `adapter_names` mixed batch:       0.93x,            2.12x
+#   two sequential passes:                    1.17x,            1.90x
+# So a mixed batch whose LoRA layers are all row-sliced is used at every size; where some layer needs peft's
+# path (DoRA, other layer types), only up to this many latent elements per sample (512 px: 16x64x64 = 65536).
+# On the CPU the mixed batch is never slower: always used there.
 MIXED_BATCH_AUTO_MAX_ELEMENTS = 131072
 
 
@@ -130,6 +133,7 @@ class RLGPlan:
     reference: torch.nn.Module | None = None
     current_name: str | None = None  # the single active adapter standing for CURRENT in a mixed batch
     mixed_reason: str | None = None  # why not mixed (for logs and the benchmark)
+    row_sliced: bool = False  # every LoRA layer takes the row-sliced mixed batch (no peft adapter_names path)
 
     @classmethod
     def build(cls, modules: Sequence[torch.nn.Module], *, scale=None, experts: Mapping[str, float] | None = None,
@@ -179,14 +183,15 @@ class RLGPlan:
         if mixed_batch is True and reason is not None:
             raise GuidanceError(f"rlg_mixed_batch=True is not possible: {reason}")
         mixed = mixed_batch is not False and reason is None
+        row_sliced = all(row_sliceable(layer) for layer in lora_layers(modules))
         return cls(weights, window, mixed, mixed_batch == "auto", reference, current_name,
-                   reason if mixed_batch is not False else "off")
+                   reason if mixed_batch is not False else "off", row_sliced)
 
     def use_mixed(self, sample: torch.Tensor) -> bool:
         """Whether this call runs as one mixed-adapter batch (see MIXED_BATCH_AUTO_MAX_ELEMENTS)."""
         if not self.mixed:
             return False
-        if self.auto and sample.is_cuda:
+        if self.auto and sample.is_cuda and not self.row_sliced:
             return sample[0].numel() <= MIXED_BATCH_AUTO_MAX_ELEMENTS
         return True
 
