@@ -549,5 +549,25 @@ def test_compiled_training_matches_eager_and_saves_the_same_lora_names(sd3_pipe,
 
     with pytest.raises(ConfigError, match="'compile'.*no, blocks, full"):
         dpo_config(tmp_path, compile="yes")
-    with pytest.raises(ConfigError, match="no '\\*blocks' module lists"):
+    with pytest.raises(ConfigError, match="no '\\*blocks' / 'layers' module lists"):
         compile_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), "blocks")
+
+
+def test_regional_compilation_finds_the_repeated_blocks_of_diffusers_and_transformers_models():
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    from genalign.models import tiny
+    from genalign.trainers.loop import repeated_blocks
+
+    clip = CLIPModel(CLIPConfig(text_config=CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                           num_attention_heads=2, vocab_size=64),
+                                vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                                               num_attention_heads=2, image_size=32, patch_size=8)))
+    assert repeated_blocks(clip) == [*clip.text_model.encoder.layers, *clip.vision_model.encoder.layers]
+    flux = tiny.tiny_flux_pipeline().transformer
+    assert repeated_blocks(flux) == [*flux.transformer_blocks, *flux.single_transformer_blocks]
+    unet = tiny.tiny_unet_pipeline().unet  # down / up blocks; never a module inside one already taken
+    found = repeated_blocks(unet)
+    assert found[:len(unet.down_blocks) + len(unet.up_blocks)] == [*unet.down_blocks, *unet.up_blocks]
+    inside = {id(m) for block in found for m in block.modules() if m is not block}
+    assert not any(id(block) in inside for block in found)

@@ -336,7 +336,7 @@ def compile_model(model: torch.nn.Module, how: str) -> None:
     "full": the whole network. On an H200, an SD3.5-medium-sized Flow-DPO LoRA step with 2 pairs at 512 px took
     147 ms compiled whole, 193 ms compiled per block and 401 ms eager (benchmarks/flow_dpo_step.py; the eager
     step is launch-bound there); at 1024 px per block 421 ms vs 694 ms eager. "blocks": every module of the
-    network's `*blocks` lists (regional compilation: identical blocks share their code, so compile time is that of
+    network's `*blocks` / `layers` lists (regional compilation: identical blocks share their code, so compile time is that of
     the distinct block kinds: 44-54 s vs 177 s whole at that size)."""
     import torch._dynamo
 
@@ -348,13 +348,29 @@ def compile_model(model: torch.nn.Module, how: str) -> None:
     if how == "full":
         model.compile()
         return
-    blocks = [block for name, child in model.named_children() if name.endswith("blocks")
-              and isinstance(child, torch.nn.ModuleList) for block in child]
+    blocks = repeated_blocks(model)
     if not blocks:
-        raise ConfigError(f"config key 'compile': {type(model).__name__} has no '*blocks' module lists to compile "
-                          "one by one; use compile=full")
+        raise ConfigError(f"config key 'compile': {type(model).__name__} has no '*blocks' / 'layers' module lists "
+                          "to compile one by one; use compile=full")
     for block in blocks:
         block.compile()
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The members of every module list named `*blocks` or `layers` (diffusers' transformer_blocks /
+    single_transformer_blocks / blocks, transformers' encoder.layers / language_model.layers / visual.blocks),
+    outermost lists only: the units regional compilation compiles one by one."""
+    found: list[torch.nn.Module] = []
+    taken: list[str] = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if not isinstance(module, torch.nn.ModuleList) or not (leaf.endswith("blocks") or leaf == "layers"):
+            continue
+        if any(name.startswith(prefix + ".") for prefix in taken):
+            continue  # a list inside a block already taken (a UNet block's resnets, say)
+        taken.append(name)
+        found.extend(module)
+    return found
 
 
 def configure_attention(model: torch.nn.Module, backend: str) -> str:
