@@ -9,7 +9,8 @@ Both variants train the same LoRA on the same model and batch. Each runs in its 
 memory (max RSS on CPU, torch.cuda.max_memory_allocated on GPU) is its own; genalign's cache is written first by
 another process, as `genalign cache` does before `genalign train`. On the CPU also: the FLOPs of one step of each
 (FlopCounterMode: matmuls, convolutions, attention), the bound on the speed-up where compute is the limit, and
-genalign with gradient checkpointing ("genalign_ckpt"). Printed last: a table with ratios.
+genalign with gradient checkpointing ("genalign_ckpt"), with `compile=full` ("genalign_compile") and with both.
+Printed last: a table with ratios.
 
 At scale (`--device cuda`, issue 3): genalign's FlowDPOTrainer step on an SD3.5-medium-sized MMDiT with random
 weights (GPU.md's config, 2.24 B params), bf16 mixed precision, LoRA rank 16 on the attention projections,
@@ -94,7 +95,16 @@ def write_cache(num_pairs: int, out: str, threads: int) -> None:
     build_cache(SD3Adapter(cpu_pipeline()), random_pairs(num_pairs, 32), out, resolution=32, progress=False)
 
 
-def run_genalign(pairs: int, steps: int, warmup: int, threads: int, ckpt: bool = False) -> dict:
+# genalign's CPU variants: trainer options on top of the default step
+GENALIGN_CPU_VARIANTS = {
+    "genalign": {},
+    "genalign_ckpt": {"gradient_checkpointing": True},
+    "genalign_compile": {"compile": "full"},
+    "genalign_compile_ckpt": {"compile": "full", "gradient_checkpointing": True},
+}
+
+
+def run_genalign(pairs: int, steps: int, warmup: int, threads: int, **options) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from genalign.data import load_cache
@@ -116,7 +126,7 @@ def run_genalign(pairs: int, steps: int, warmup: int, threads: int, ckpt: bool =
     dataset = load_cache(tmp / "cache", adapter=adapter, resolution=32)
     cfg = FlowDPOConfig(output_dir=str(tmp / "run"), max_steps=steps, batch_size=pairs, lr=1e-4, log_every=1,
                         checkpoint_every=10**6, report_to="none", progress_bar=False, num_threads=threads,
-                        lora_rank=16, seed=0, gradient_checkpointing=ckpt)
+                        lora_rank=16, seed=0, **options)
     trainer = FlowDPOTrainer(adapter, cfg, dataset)
     trainer.train()
     peak = peak_memory_mb(baseline)
@@ -129,10 +139,6 @@ def run_genalign(pairs: int, steps: int, warmup: int, threads: int, ckpt: bool =
         loss, _ = trainer.compute_loss(batch)
         loss.backward()
     return {"step_s": step_s, "cache_build_s": cache_s, "peak_mb": peak, "gflop_per_step": counter.get_total_flops() / 1e9}
-
-
-def run_genalign_ckpt(pairs: int, steps: int, warmup: int, threads: int) -> dict:
-    return run_genalign(pairs, steps, warmup, threads, ckpt=True)
 
 
 def run_peer(pairs: int, steps: int, warmup: int, threads: int) -> dict:
@@ -486,8 +492,10 @@ def print_scale_table(report: dict) -> None:
 
 # ------------------------------------------------------------------------------------------- driver
 def child(args) -> None:
-    fn = {"genalign": run_genalign, "genalign_ckpt": run_genalign_ckpt, "peer": run_peer}[args.variant]
-    result = fn(args.pairs, args.steps, args.warmup, args.threads)
+    if args.variant == "peer":
+        result = run_peer(args.pairs, args.steps, args.warmup, args.threads)
+    else:
+        result = run_genalign(args.pairs, args.steps, args.warmup, args.threads, **GENALIGN_CPU_VARIANTS[args.variant])
     print("RESULT " + json.dumps(result))
 
 
@@ -534,33 +542,33 @@ def main() -> None:
     args.warmup = 5 if args.warmup is None else args.warmup
     if args.child:
         return child(args)
-    results = {v: measure(v, args) for v in ("peer", "genalign", "genalign_ckpt")}
-    g, p, c = results["genalign"], results["peer"], results["genalign_ckpt"]
+    names = ["peer", *GENALIGN_CPU_VARIANTS]
+    results = {v: measure(v, args) for v in names}
+    p = results["peer"]
     summary = {
         "device": "cpu", "threads": args.threads, "pairs_per_step": args.pairs, "steps_timed": args.steps - args.warmup,
         "results": results,
-        "speedup": p["step_s"] / g["step_s"],
-        "memory_ratio": g["peak_mb"] / p["peak_mb"],
-        # On a compute-bound CPU a step cannot get faster than its share of the arithmetic: this is the bound
-        # on `speedup` that batching and the cache alone can reach.
-        "arithmetic_ratio": p["gflop_per_step"] / g["gflop_per_step"],
-        "ckpt_speedup": p["step_s"] / c["step_s"],
-        "ckpt_memory_ratio": c["peak_mb"] / p["peak_mb"],
+        # per genalign variant: peer's step time / its step time, its peak memory / peer's
+        "speedup": {v: p["step_s"] / results[v]["step_s"] for v in GENALIGN_CPU_VARIANTS},
+        "memory_ratio": {v: results[v]["peak_mb"] / p["peak_mb"] for v in GENALIGN_CPU_VARIANTS},
+        # On a compute-bound CPU an eager step cannot get faster than its share of the arithmetic: this is the
+        # bound on the eager `speedup` that batching and the cache alone can reach.
+        "arithmetic_ratio": p["gflop_per_step"] / results["genalign"]["gflop_per_step"],
     }
     from gpu_common import output_path, write_json
 
     write_json(output_path(args.out, "flow_dpo_step_cpu.json"), summary)
-    print(f"\nFlow-DPO step, the world's image model (SD3, 2.3M params), {args.pairs} pairs, {args.threads} thread(s)")
-    print(f"{'variant':14s} {'s/step':>8s} {'pairs/s':>8s} {'peak MB':>8s} {'GFLOP':>8s}")
-    for name in ("peer", "genalign", "genalign_ckpt"):
+    print(f"\nFlow-DPO step, the world's image model (SD3, 2.3M params), {args.pairs} pairs, {args.threads} thread(s); "
+          "peak memory = peak RSS above the process after model load (a compiled variant's includes the compiler)")
+    print(f"{'variant':22s} {'s/step':>8s} {'pairs/s':>8s} {'peak MB':>8s} {'GFLOP':>8s} {'speedup':>8s} {'memory':>7s}")
+    for name in names:
         r = results[name]
-        print(f"{name:14s} {r['step_s']:8.3f} {args.pairs / r['step_s']:8.1f} {r['peak_mb']:8.0f} "
-              f"{r['gflop_per_step']:8.2f}")
-    print(f"speedup genalign vs peer: {summary['speedup']:.2f}x (target >= 1.5x; the peer does "
-          f"{summary['arithmetic_ratio']:.2f}x genalign's arithmetic); peak memory ratio: {summary['memory_ratio']:.2f} "
-          "(target <= 0.7; peak RSS above the process after model load)")
-    print(f"with gradient checkpointing: speedup {summary['ckpt_speedup']:.2f}x, peak memory ratio "
-          f"{summary['ckpt_memory_ratio']:.2f}")
+        ratios = (f"{summary['speedup'][name]:7.2f}x {summary['memory_ratio'][name]:6.2f}x" if name != "peer" else "")
+        print(f"{name:22s} {r['step_s']:8.3f} {args.pairs / r['step_s']:8.1f} {r['peak_mb']:8.0f} "
+              f"{r['gflop_per_step']:8.2f} {ratios}")
+    print(f"targets: speedup >= 1.5x, memory <= 0.7x the peer's; the peer does {summary['arithmetic_ratio']:.2f}x "
+          "genalign's arithmetic")
+
 
 if __name__ == "__main__":
     main()
