@@ -37,6 +37,8 @@ def _convert(value: Any, typ, key: str):
             except (ConfigError, ValueError, TypeError):
                 continue
         raise ConfigError(f"config key {key!r}: cannot read {value!r} as {typ}")
+    if value is None and typ is not Any:  # YAML null for a key that needs a value (str(None) would be 'None')
+        raise ConfigError(f"config key {key!r}: needs a value ({getattr(typ, '__name__', typ)}), got null")
     if origin in (list, tuple):
         if isinstance(value, str) and value.strip().startswith("["):  # YAML / JSON list syntax: [a, b] or ["a"]
             try:

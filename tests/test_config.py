@@ -65,3 +65,21 @@ def test_yaml_then_overrides_and_round_trip(tmp_path):
         load_config(Example, tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         load_config(Example, None, ["novalue"])
+
+
+def test_null_for_a_key_that_needs_a_value_is_refused_not_read_as_the_string_none(tmp_path):
+    @dataclass
+    class Needs:
+        name: str = "x"
+        count: int = 1
+        maybe: str | None = "y"
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: null\n")
+    with pytest.raises(ConfigError, match="'name': needs a value"):
+        load_config(Needs, recipe)
+    recipe.write_text("maybe: null\n")
+    assert load_config(Needs, recipe).maybe is None
+    recipe.write_text("count: ~\n")
+    with pytest.raises(ConfigError, match="'count': needs a value"):
+        load_config(Needs, recipe)

@@ -589,3 +589,10 @@ def test_compiled_training_resumes_exactly(sd3_pipe, tmp_path):
     resumed = run("resumed", 4, resume="latest")
     assert max_diff(straight, resumed) <= 1e-6
     assert max(p.abs().max().item() for n, p in resumed.items() if "lora_B" in n) > 1e-3
+
+
+def test_the_sd35_medium_recipe_is_a_valid_gpu_config_that_asks_for_its_model(tmp_path):
+    cfg = load_config(FlowDPOConfig, recipe_path("flow_dpo_sd35_medium"), [f"data={tmp_path}"])
+    assert (cfg.mixed_precision, cfg.compile, cfg.resolution, cfg.reference) == ("bf16", "blocks", 512, "disabled_adapter")
+    with pytest.raises(ConfigError, match="'model': give the pipeline folder"):
+        FlowDPOTrainer.from_config(cfg)

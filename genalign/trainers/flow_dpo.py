@@ -43,7 +43,7 @@ TIMESTEP_SAMPLERS = ("logit_normal", "uniform")
 @dataclass
 class FlowDPOConfig(TrainConfig):
     output_dir: str = option("runs/flow-dpo", "run folder: checkpoints, metrics.jsonl, config.yaml, the final LoRA")
-    model: str = option("world", "diffusers pipeline folder or cached hub id (SD3, FLUX, Wan, SD1.5/SDXL); "
+    model: str | None = option("world", "diffusers pipeline folder or cached hub id (SD3, FLUX, Wan, SD1.5/SDXL); "
                                  "'world' / 'world-video': the built-in world's base models")
     data: str | None = option(None, "preference pairs (Pick-a-Pic parquet, VideoAlign CSV, jsonl, folder layout) or "
                                     "a latent cache folder made by `genalign cache` (used as is when given)")
@@ -387,6 +387,9 @@ class FlowDPOTrainer(Trainer):
         if not config.data:
             raise ConfigError("config key 'data': give the preference pairs or a latent cache folder (data=PATH), "
                               "or online_prompts=world|FILE for online pairs")
+        if not config.model:
+            raise ConfigError("config key 'model': give the pipeline folder or hub id to train (model=PATH), "
+                              "or model=world for the built-in world's image model")
         from ..world import resolve_model
 
         model_path, extra, _ = resolve_model(config.model)
