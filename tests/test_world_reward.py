@@ -134,3 +134,18 @@ def test_a_build_of_one_reward_kind_keeps_the_record_of_the_other():
     assert again["stats"]["videoreward_btt"] == {"acc": 0.78} and again["stats"]["pickscore"] == {"acc": 0.7}
     assert set(again["kept"]) == {"video"} and again["kept"]["video"]["config"]["reward_video_pairs"] == 3072
     assert merge_reward_entry(None, image, ["image"]) is image
+
+
+def test_build_json_merge_keeps_the_other_reward_kind_on_disk(tmp_path):
+    from genalign.world.build import _merge_report
+
+    path = tmp_path / "BUILD.json"
+    _merge_report(path, "vae", {"stats": {"s": 1}})
+    _merge_report(path, "reward", {"config": {"reward_kinds": ["image", "video"]},
+                                   "stats": {"pickscore": {"acc": 0.65}, "videoreward_btt": {"acc": 0.73}}})
+    written = _merge_report(path, "reward", {"config": {"reward_kinds": ["video"]},
+                                             "stats": {"videoreward_btt": {"acc": 0.78}}})
+    report = json.loads(path.read_text())
+    assert report["vae"] == {"stats": {"s": 1}} and report["reward"] == written
+    assert report["reward"]["stats"] == {"videoreward_btt": {"acc": 0.78}, "pickscore": {"acc": 0.65}}
+    assert report["reward"]["kept"]["image"]["config"]["reward_kinds"] == ["image", "video"]

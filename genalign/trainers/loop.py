@@ -335,9 +335,9 @@ def compile_model(model: torch.nn.Module, how: str) -> None:
 
     "full": the whole network. On an H200, an SD3.5-medium-sized Flow-DPO LoRA step with 2 pairs at 512 px took
     147 ms compiled whole, 193 ms compiled per block and 401 ms eager (benchmarks/flow_dpo_step.py; the eager
-    step is launch-bound there); at 1024 px per block 421 ms vs 694 ms eager. "blocks": every module of the
-    network's `*blocks` / `layers` lists (regional compilation: identical blocks share their code, so compile time is that of
-    the distinct block kinds: 44-54 s vs 177 s whole at that size)."""
+    step is launch-bound there); at 1024 px per block 421 ms vs 694 ms eager. "blocks": every member of the
+    network's `*blocks` / `layers` lists (regional compilation: identical blocks share their code, so compile
+    time is that of the distinct block kinds: 44-54 s vs 177 s whole at that size)."""
     import torch._dynamo
 
     if how == "no":

@@ -301,23 +301,23 @@ def build_world(out_dir: Path, cfg: BuildConfig, which: tuple[str, ...] = STAGES
         stats["total_s"] = time.time() - t0
         report[kind] = {"config": asdict(cfg), "stats": stats, "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "machine": platform.machine()}
-        if kind == "reward":  # a build of some reward kinds keeps the record of the others
-            from .reward_build import merge_reward_entry
-
-            previous = json.loads((out_dir / "BUILD.json").read_text()).get("reward") \
-                if (out_dir / "BUILD.json").is_file() else None
-            report[kind] = merge_reward_entry(previous, report[kind], cfg.reward_kinds)
-        _merge_report(out_dir / "BUILD.json", kind, report[kind])
+        report[kind] = _merge_report(out_dir / "BUILD.json", kind, report[kind])
     return report
 
 
-def _merge_report(path: Path, kind: str, entry: dict) -> None:
-    """Add one stage's entry to BUILD.json (stages may finish in separate processes)."""
+def _merge_report(path: Path, kind: str, entry: dict) -> dict:
+    """Add one stage's entry to BUILD.json (stages may finish in separate processes); returns the entry written.
+    A reward build of some kinds keeps the record of the others (reward_build.merge_reward_entry)."""
     report = json.loads(path.read_text()) if path.exists() else {}
+    if kind == "reward":
+        from .reward_build import merge_reward_entry
+
+        entry = merge_reward_entry(report.get("reward"), entry, entry["config"]["reward_kinds"])
     report[kind] = entry
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(path)
+    return entry
 
 
 # ------------------------------------------------------------------------------------------------ latent reward
