@@ -33,6 +33,11 @@ run goes on; the JSON is rewritten after every configuration.
     python benchmarks/flow_dpo_step.py --tiny          # the at-scale code path on the CPU, tiny config (< 1 min)
     python benchmarks/flow_dpo_step.py --device cuda --quick --out $OUT   # ~4-6 min on an H100 (2 compiles)
     python benchmarks/flow_dpo_step.py --device cuda --px 1024 --variants eager compile_ckpt
+    python benchmarks/flow_dpo_step.py --count-real-size   # both ways' TFLOP and weights at SD3.5-medium size
+
+`--count-real-size` answers what the CPU run at the world's size cannot: how the two ways compare at a real
+model's proportions, where the text encoders (T5-XXL and two CLIPs, 5.6 B parameters) outweigh the transformer
+(2.2 B). It counts on the meta device (shapes only), so it runs anywhere in seconds.
 JSON: $OUT/flow_dpo_step_cpu.json (CPU), flow_dpo_step_cuda.json / flow_dpo_step_tiny_cpu.json, or --out x.json.
 """
 
@@ -124,6 +129,7 @@ def run_genalign(pairs: int, steps: int, warmup: int, threads: int, **options) -
     adapter = SD3Adapter(cpu_pipeline())
     baseline = rss_mb()
     dataset = load_cache(tmp / "cache", adapter=adapter, resolution=32)
+    adapter.release_text_encoders()  # as `genalign train` does on a cache
     cfg = FlowDPOConfig(output_dir=str(tmp / "run"), max_steps=steps, batch_size=pairs, lr=1e-4, log_every=1,
                         checkpoint_every=10**6, report_to="none", progress_bar=False, num_threads=threads,
                         lora_rank=16, seed=0, **options)
@@ -490,6 +496,106 @@ def print_scale_table(report: dict) -> None:
               "'time': the same ratios on ms/step")
 
 
+# ------------------------------------------------------------------------------------------- at SD3.5-medium size, counted
+# The other components of SD3.5-medium (published configs): T5-XXL encoder, CLIP-L and OpenCLIP bigG text towers,
+# the 16-channel VAE. Text: 77 CLIP tokens, 256 T5 tokens (the pipeline's default).
+T5_XXL = {"d_model": 4096, "d_kv": 64, "num_heads": 64, "d_ff": 10240, "num_layers": 24,
+          "feed_forward_proj": "gated-gelu", "vocab_size": 32128}
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+          "projection_dim": 768}
+CLIP_BIGG = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+             "projection_dim": 1280, "hidden_act": "gelu"}
+SD3_VAE = {"block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+           "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 2, "latent_channels": 16,
+           "use_quant_conv": False, "use_post_quant_conv": False}
+
+
+def count_at_real_size(pairs: int = 2, resolutions=(512, 1024)) -> dict:
+    """The arithmetic (FlopCounterMode) and resident weights of one step of each way at SD3.5-medium's real
+    proportions, on the meta device (shapes only: seconds, no memory). genalign: policy forward + backward
+    (frozen base, LoRA rank 16) and the reference forward on the cached latents and embeddings; the peer adds the
+    VAE encoding of both images and the three text encoders on the prompts, every step. On hardware where the step
+    is compute-bound, the ratio of the two counts bounds the speed-up any implementation of the same loss gets
+    from the cache and the shared reference; the weights each must keep resident bound the memory ratio."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from peft import LoraConfig
+    from rlg_step import SD35_MEDIUM
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    def tflop(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 1e12
+
+    def billions(module) -> float:
+        return sum(p.numel() for p in module.parameters()) / 1e9
+
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(**SD35_MEDIUM).requires_grad_(False)
+        transformer.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        encoders = {"t5": (T5EncoderModel(T5Config(**T5_XXL)), 256),
+                    "clip_l": (CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)), 77),
+                    "clip_g": (CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG)), 77)}
+        vae = AutoencoderKL(**SD3_VAE)
+    n = 2 * pairs  # winners and losers
+    text_inputs = {"encoder_hidden_states": torch.zeros(n, 333, 4096, device="meta"),
+                   "pooled_projections": torch.zeros(n, 2048, device="meta"), "timestep": torch.ones(n, device="meta")}
+
+    def denoise(latents):
+        return transformer(hidden_states=latents, **text_inputs).sample
+
+    def encode_text():
+        with torch.no_grad():
+            for model, tokens in encoders.values():
+                model(input_ids=torch.zeros(pairs, tokens, dtype=torch.long, device="meta"))
+
+    weights = {"transformer": billions(transformer), "vae": billions(vae),
+               "text_encoders": sum(billions(m) for m, _ in encoders.values())}
+    out = {"pairs": pairs, "params_billion": weights, "resolutions": {}}
+    for px in resolutions:
+        latents = torch.zeros(n, 16, px // 8, px // 8, device="meta")
+
+        def policy_step(latents=latents):
+            denoise(latents).sum().backward()
+
+        def reference(latents=latents):
+            with torch.no_grad():
+                denoise(latents)
+
+        def encode_images(px=px):
+            with torch.no_grad():
+                vae.encode(torch.zeros(n, 3, px, px, device="meta"))
+
+        parts = {"policy_forward_backward": tflop(policy_step), "reference_forward": tflop(reference),
+                 "vae_encode": tflop(encode_images), "text_encoders": tflop(encode_text)}
+        genalign = parts["policy_forward_backward"] + parts["reference_forward"]
+        peer = genalign + parts["vae_encode"] + parts["text_encoders"]
+        out["resolutions"][px] = {"tflop": parts, "genalign_tflop": genalign, "peer_tflop": peer,
+                                  "arithmetic_ratio": peer / genalign}
+    # genalign on a cache keeps the transformer (+ LoRA) and the VAE; the peer a second transformer and the encoders
+    genalign_weights = weights["transformer"] + weights["vae"]
+    peer_weights = 2 * weights["transformer"] + weights["vae"] + weights["text_encoders"]
+    out["resident_weights_gib_bf16"] = {"genalign": genalign_weights * 2e9 / 2**30, "peer": peer_weights * 2e9 / 2**30}
+    out["resident_weights_ratio"] = genalign_weights / peer_weights
+    return out
+
+
+def print_real_size_count(count: dict) -> None:
+    w = count["params_billion"]
+    print(f"\nAt SD3.5-medium size (counted on the meta device, {count['pairs']} pairs): transformer {w['transformer']:.2f} B, "
+          f"text encoders {w['text_encoders']:.2f} B, VAE {w['vae']:.3f} B parameters")
+    print(f"{'px':>6s}{'policy f+b':>12s}{'reference':>11s}{'VAE enc':>9s}{'text enc':>10s}{'genalign':>10s}"
+          f"{'peer':>8s}{'peer/genalign':>15s}   (TFLOP per step)")
+    for px, r in count["resolutions"].items():
+        t = r["tflop"]
+        print(f"{px:>6d}{t['policy_forward_backward']:>12.2f}{t['reference_forward']:>11.2f}{t['vae_encode']:>9.2f}"
+              f"{t['text_encoders']:>10.2f}{r['genalign_tflop']:>10.2f}{r['peer_tflop']:>8.2f}{r['arithmetic_ratio']:>14.2f}x")
+    m = count["resident_weights_gib_bf16"]
+    print(f"resident weights in bf16: genalign {m['genalign']:.1f} GiB, peer {m['peer']:.1f} GiB "
+          f"({count['resident_weights_ratio']:.2f}x); a compute-bound step cannot beat the arithmetic ratio")
+
+
 # ------------------------------------------------------------------------------------------- driver
 def child(args) -> None:
     if args.variant == "peer":
@@ -526,6 +632,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", help=f"at scale: any of {', '.join(VARIANTS)}")
     parser.add_argument("--text-tokens", type=int, default=None, help="at scale: text tokens (default 333)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--count-real-size", action="store_true",
+                        help="only count both ways' arithmetic and weights at SD3.5-medium size (meta device, ~20 s)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -534,6 +642,12 @@ def main() -> None:
     offline_env()
     if args.gpu:
         args.device = "cuda"
+    if args.count_real_size:
+        from gpu_common import output_path, write_json
+
+        count = count_at_real_size()
+        write_json(output_path(args.out, "flow_dpo_step_real_size_count.json"), count)
+        return print_real_size_count(count)
     if args.device == "cuda" or args.tiny:
         args.device = args.device or "cpu"
         return scale_main(args)

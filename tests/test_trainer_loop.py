@@ -396,6 +396,32 @@ def test_cached_latents_give_the_same_loss_as_pixels(sd3_pipe, tmp_path):
     assert loss_cache == pytest.approx(loss_pixels, rel=1e-3)
 
 
+def test_training_on_a_cache_releases_the_text_encoders(tmp_path):
+    """`from_config` on a latent cache (the CLI's path) drops the text encoders, T5 included, after the cache's
+    model check; the run's losses equal those of a trainer that kept them; encode_prompt says why it cannot run."""
+    from genalign.data import build_cache, load_cache
+    from genalign.models import load_adapter, tiny
+
+    tiny.tiny_sd3_pipeline(with_t5=True).save_pretrained(tmp_path / "model")
+    model, cache = str(tmp_path / "model"), str(tmp_path / "cache")
+    build_cache(load_adapter(model), separable_pairs(8), cache, resolution=32, progress=False)
+    released = FlowDPOTrainer.from_config(dpo_config(tmp_path, "released", model=model, data=cache, max_steps=3))
+    names = ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    assert released.adapter.released_text_encoders == names
+    assert all(getattr(released.adapter.pipe, n) is None for n in names) and released.adapter.text_encoders() == []
+    with pytest.raises(RuntimeError, match="text_encoder_3.*released"):
+        released.adapter.encode_prompt(["red circle"])
+    released.train()
+    kept_adapter = load_adapter(model)
+    kept = FlowDPOTrainer(kept_adapter, dpo_config(tmp_path, "kept", max_steps=3),
+                          load_cache(cache, adapter=kept_adapter))
+    kept.train()
+    assert len(kept_adapter.text_encoders()) == 3
+    losses = [r["loss"] for r in read_metrics(tmp_path / "released")]
+    assert len(losses) == 3 and losses[-1] != pytest.approx(losses[0])
+    assert losses == pytest.approx([r["loss"] for r in read_metrics(tmp_path / "kept")], abs=1e-6)
+
+
 def test_flow_dpo_resume_is_exact(sd3_pipe, tmp_path):
     """N steps + resume + N steps == 2N steps (max abs diff <= 1e-6), with warmup + cosine, grad accumulation,
     EMA and an online reference adapter refreshed every 2 steps (its snapshot must be checkpointed too)."""

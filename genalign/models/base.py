@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 Cond = dict[str, torch.Tensor]
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 class ModelLoadError(ValueError):
@@ -45,6 +46,7 @@ class FlowAdapter:
 
     def __init__(self, pipe, device: str | torch.device | None = None):
         self.pipe = pipe
+        self.released_text_encoders: list[str] = []  # see release_text_encoders
         for m in self.text_encoders():
             m.requires_grad_(False).eval()
         if getattr(pipe, "vae", None) is not None:
@@ -98,8 +100,21 @@ class FlowAdapter:
         return self.pipe.transformer
 
     def text_encoders(self) -> list[torch.nn.Module]:
-        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
-        return [getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None]
+        return [getattr(self.pipe, n) for n in TEXT_ENCODER_NAMES if getattr(self.pipe, n, None) is not None]
+
+    def release_text_encoders(self) -> int:
+        """Drop the text encoders from the pipeline (the tokenizers stay) and return how many parameters that
+        freed. For training on a latent cache, which holds every prompt's embeddings: the encoders would sit
+        unused in memory for the whole run (SD3.5's T5-XXL and two CLIPs: 5.6 B parameters, more than its
+        transformer). `encode_prompt` then raises; load the model again to encode new prompts."""
+        freed = 0
+        for name in TEXT_ENCODER_NAMES:
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                freed += sum(p.numel() for p in module.parameters())
+                setattr(self.pipe, name, None)  # diffusers records the component as absent in the pipeline config
+                self.released_text_encoders.append(name)
+        return freed
 
     @property
     def device(self) -> torch.device:
@@ -115,6 +130,15 @@ class FlowAdapter:
 
     # --------------------------------------------------------------------------------- the interface
     def encode_prompt(self, prompts: list[str]) -> Cond:
+        """The conditioning tensors of `prompts` for `velocity`, from the family's text encoders."""
+        if self.released_text_encoders:
+            raise RuntimeError(
+                f"this {self.family} adapter's text encoders ({', '.join(self.released_text_encoders)}) were released "
+                "to save memory while training on a latent cache; load the model again to encode new prompts"
+            )
+        return self._encode_prompt(prompts)
+
+    def _encode_prompt(self, prompts: list[str]) -> Cond:
         raise NotImplementedError
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:

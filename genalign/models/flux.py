@@ -54,7 +54,7 @@ class FluxAdapter(FlowAdapter):
 
     # ----------------------------------------------------------------------------- the interface
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> Cond:
+    def _encode_prompt(self, prompts: list[str]) -> Cond:
         embeds, pooled, _ = self.pipe.encode_prompt(
             prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
         )

@@ -18,7 +18,7 @@ class SD3Adapter(FlowAdapter):
         self.max_sequence_length = max_sequence_length or (256 if pipe.text_encoder_3 is not None else 1)
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> Cond:
+    def _encode_prompt(self, prompts: list[str]) -> Cond:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=list(prompts),
             prompt_2=None,

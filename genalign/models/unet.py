@@ -52,7 +52,7 @@ class UNetAdapter(FlowAdapter):
 
     # ----------------------------------------------------------------------------- the interface
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> Cond:
+    def _encode_prompt(self, prompts: list[str]) -> Cond:
         """SD: {"prompt_embeds"}; SDXL also {"text_embeds"} (pooled). SDXL's size/crop micro-conditioning
         `add_time_ids` (B, 6) may be added to the dict; when absent `velocity` uses the stock default for the
         latents' size (original = target = image size, crop (0, 0)).

@@ -30,7 +30,7 @@ class WanAdapter(FlowAdapter):
         return self.pipe.transformer if self.pipe.transformer is not None else self.pipe.transformer_2
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> Cond:
+    def _encode_prompt(self, prompts: list[str]) -> Cond:
         embeds, _ = self.pipe.encode_prompt(
             prompt=list(prompts),
             do_classifier_free_guidance=False,

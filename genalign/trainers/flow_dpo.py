@@ -22,6 +22,7 @@ Works for every adapter (SD3, FLUX, Wan, and UNet models through the epsilon -> 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from .loop import TrainConfig, Trainer, eval_mode, option
 REFERENCES = ("disabled_adapter", "adapter", "model")
 TIE_POLICIES = ("drop", "half", "keep_first")
 TIMESTEP_SAMPLERS = ("logit_normal", "uniform")
+logger = logging.getLogger("genalign.trainers")
 
 
 @dataclass
@@ -397,6 +399,13 @@ class FlowDPOTrainer(Trainer):
             extra["max_sequence_length"] = config.max_sequence_length
         adapter = load_adapter(model_path, **extra)
         dataset = load_training_pairs(config.data, adapter, config)
+        if getattr(dataset, "text_keys", None):
+            # The cache holds every prompt's embeddings: the text encoders would only take memory (on the
+            # accelerator too, where prepare_model moves the pipeline). Released after the cache's model check,
+            # which reads their configs and weights.
+            freed = adapter.release_text_encoders()
+            logger.info("training on the latent cache %s: text encoders released (%.1f M parameters)",
+                        config.data, freed / 1e6)
         return cls(adapter, config, dataset)
 
 
