@@ -6,11 +6,19 @@ peer: a separate full frozen copy of the network as the reference; winner and lo
 and reference); the VAE encodes both images and the text encoders encode the prompt at every step; no cache.
 
 Both variants train the same LoRA on the same model and batch. Each runs in its own subprocess so that its peak
-memory (max RSS on CPU, torch.cuda.max_memory_allocated on GPU) is its own; genalign's cache is written first by
-another process, as `genalign cache` does before `genalign train`. On the CPU also: the FLOPs of one step of each
-(FlopCounterMode: matmuls, convolutions, attention), the bound on the speed-up where compute is the limit, and
-genalign with gradient checkpointing ("genalign_ckpt"), with `compile=full` ("genalign_compile") and with both.
-Printed last: a table with ratios.
+memory is its own; genalign's cache is written first by another process, as `genalign cache` does before
+`genalign train`, and genalign then releases the text encoders as `genalign train` does on a cache.
+
+On the CPU, two models (`--model`): the world's image model at 32 px (its transformer is nearly all of it: the VAE
+and text encoders are tiny), and "sd35m-proportions", a random-init SD3 at 256 px with SD3.5-medium's components in
+its proportions (T5 and CLIP text towers 2.9x the transformer's parameters, real 2.5x; each way's share of the
+arithmetic within 0.02 of the real model's at 512 px: VAE encoding 0.15, text encoders 0.15 of genalign's step;
+peer / genalign 1.30x, real 1.31x). Memory: the peak RSS during training above the process before the model was
+loaded, with the libraries both use imported first (so it counts weights and activations, not code). Also: the
+FLOPs of one step of each (FlopCounterMode with attention on SDPA's math path: torch counts nothing for the CPU's
+fused attention kernel), the bound on the speed-up where compute is the limit, and genalign with gradient
+checkpointing ("genalign_ckpt"), with `compile=full` ("genalign_compile") and with both. Printed last: a table with
+ratios. On a GPU, the peak is torch.cuda.max_memory_allocated.
 
 At scale (`--device cuda`, issue 3): genalign's FlowDPOTrainer step on an SD3.5-medium-sized MMDiT with random
 weights (GPU.md's config, 2.24 B params), bf16 mixed precision, LoRA rank 16 on the attention projections,
@@ -29,7 +37,8 @@ when timed first and 245 / 327 ms when timed again in the same process (cause no
 variants at 512 px from separate runs with care. Each configuration that fails (OOM, a missing package) is recorded in the JSON and the
 run goes on; the JSON is rewritten after every configuration.
 
-    python benchmarks/flow_dpo_step.py                 # CPU, the world's image architecture (random weights)
+    python benchmarks/flow_dpo_step.py                 # CPU, the world's image model
+    python benchmarks/flow_dpo_step.py --model sd35m-proportions   # CPU, SD3.5-medium's proportions, scaled down
     python benchmarks/flow_dpo_step.py --tiny          # the at-scale code path on the CPU, tiny config (< 1 min)
     python benchmarks/flow_dpo_step.py --device cuda --quick --out $OUT   # ~4-6 min on an H100 (2 compiles)
     python benchmarks/flow_dpo_step.py --device cuda --px 1024 --variants eager compile_ckpt
@@ -38,12 +47,13 @@ run goes on; the JSON is rewritten after every configuration.
 `--count-real-size` answers what the CPU run at the world's size cannot: how the two ways compare at a real
 model's proportions, where the text encoders (T5-XXL and two CLIPs, 5.6 B parameters) outweigh the transformer
 (2.2 B). It counts on the meta device (shapes only), so it runs anywhere in seconds.
-JSON: $OUT/flow_dpo_step_cpu.json (CPU), flow_dpo_step_cuda.json / flow_dpo_step_tiny_cpu.json, or --out x.json.
+JSON: $OUT/flow_dpo_step_cpu_MODEL.json (CPU), flow_dpo_step_real_size_count.json, flow_dpo_step_cuda.json / flow_dpo_step_tiny_cpu.json, or --out x.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -60,13 +70,66 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_common, rlg_step
 
-def cpu_pipeline():
-    """The shipped world image model (SD3 family, 2.3M-parameter transformer), loaded with the stock class."""
-    from diffusers import StableDiffusion3Pipeline
+# ------------------------------------------------------------------------------------------- the CPU models
+# "world": the shipped world image model (SD3 family; a 2.3M-parameter transformer, text encoders of 0.02M: the
+# transformer is nearly all of it). "sd35m-proportions": a random-init SD3 pipeline with SD3.5-medium's components
+# in its proportions, scaled down to run on a CPU: T5 (here 2.1x the transformer's parameters, as T5-XXL to the
+# MMDiT), two CLIP text towers (0.4x), a 4-level 8x VAE with 16 latent channels, dual-attention blocks in the
+# first half, qk RMS-norm, text tokens a third of the image tokens (333 : 1024 at 512 px). The run prints each
+# component's share of the arithmetic next to the real model's (`--count-real-size`).
+CPU_MODELS = {"world": {"px": 32, "max_sequence_length": 1},
+              "sd35m-proportions": {"px": 256, "max_sequence_length": 64}}
+PROPORTIONED_TRANSFORMER = {"sample_size": 32, "patch_size": 2, "in_channels": 16, "num_layers": 6,
+                            "attention_head_dim": 32, "num_attention_heads": 4, "joint_attention_dim": 256,
+                            "caption_projection_dim": 128, "pooled_projection_dim": 192, "out_channels": 16,
+                            "pos_embed_max_size": 32, "qk_norm": "rms_norm", "dual_attention_layers": (0, 1, 2)}
+PROPORTIONED_T5 = {"d_model": 256, "d_kv": 32, "num_heads": 8, "d_ff": 768, "num_layers": 12,
+                   "feed_forward_proj": "gated-gelu", "dropout_rate": 0.0, "vocab_size": 32}
+PROPORTIONED_CLIPS = ({"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 2,
+                       "projection_dim": 64, "vocab_size": 32, "max_position_embeddings": 16},
+                      {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 6, "num_attention_heads": 4,
+                       "projection_dim": 128, "hidden_act": "gelu", "vocab_size": 32, "max_position_embeddings": 16})
+PROPORTIONED_VAE = {"block_out_channels": [4, 12, 24, 32], "down_block_types": ["DownEncoderBlock2D"] * 4,
+                    "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 2, "latent_channels": 16,
+                    "norm_num_groups": 4, "use_quant_conv": False, "use_post_quant_conv": False,
+                    "scaling_factor": 1.5305, "shift_factor": 0.0609}
 
+
+def save_proportioned_pipeline(out: str, seed: int = 0) -> str:
+    """Write the "sd35m-proportions" pipeline (random init, seeded) to `out`; both ways load it from there."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from genalign.models.tiny import clip_tokenizer, t5_tokenizer
+
+    torch.manual_seed(seed)
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer(CPU_MODELS["sd35m-proportions"]["max_sequence_length"])
+    assert len(clip_tok) <= PROPORTIONED_CLIPS[0]["vocab_size"] and len(t5_tok) <= PROPORTIONED_T5["vocab_size"]
+    assert clip_tok.model_max_length == PROPORTIONED_CLIPS[0]["max_position_embeddings"]
+    clips = [CLIPTextModelWithProjection(CLIPTextConfig(bos_token_id=clip_tok.bos_token_id,
+                                                        eos_token_id=clip_tok.eos_token_id,
+                                                        pad_token_id=clip_tok.pad_token_id, **cfg))
+             for cfg in PROPORTIONED_CLIPS]
+    t5 = T5EncoderModel(T5Config(**PROPORTIONED_T5))
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**PROPORTIONED_TRANSFORMER), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=AutoencoderKL(**PROPORTIONED_VAE), text_encoder=clips[0], tokenizer=clip_tok, text_encoder_2=clips[1],
+        tokenizer_2=copy.deepcopy(clip_tok), text_encoder_3=t5, tokenizer_3=t5_tok)
+    pipe.save_pretrained(out)
+    return out
+
+
+def model_folder(model: str, workdir: str) -> str:
     from genalign.world import world_model_path
 
-    return StableDiffusion3Pipeline.from_pretrained(world_model_path("image"), text_encoder_3=None, tokenizer_3=None)
+    if model == "world":
+        return str(world_model_path("image"))
+    return save_proportioned_pipeline(str(Path(workdir) / model))
 
 
 def random_pairs(n: int, size: int, seed: int = 0):
@@ -79,25 +142,64 @@ def random_pairs(n: int, size: int, seed: int = 0):
                            rng.integers(0, 256, (size, size, 3), dtype=np.uint8), 1.0) for i in range(n)]
 
 
+@contextlib.contextmanager
+def cpu_flop_counter():
+    """FlopCounterMode with attention on SDPA's math path: torch counts no FLOPs for the CPU's fused attention
+    kernel (0 for a 4 x 4 x 336 x 32 attention that does 0.23 GFLOP), so attention would be left out."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        yield counter
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def peak_memory_mb(baseline_mb: float) -> float:
-    """Peak resident memory above `baseline_mb` (the process right after the model was built): what the training
-    method itself costs, without the ~1 GB of libraries both variants share."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline_mb
+def reset_peak_rss() -> bool:
+    """Start the kernel's peak-RSS record afresh (Linux: "5" to clear_refs), so that the peak read later is that
+    of training, not of loading. False where the kernel refuses (the peak then includes loading)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ------------------------------------------------------------------------------------------- variants (CPU)
-def write_cache(num_pairs: int, out: str, threads: int) -> None:
+# Memory, both ways alike: the peak resident memory during the training steps, above the process before the
+# model was loaded (its ~1 GB of libraries is the same in both). It counts what each way keeps resident while it
+# trains: the weights (the peer: two transformers, the text encoders, the VAE; genalign on a cache: one
+# transformer and the VAE, the text encoders released after the cache's check) and the activations.
+def preload_libraries() -> None:
+    """Import, before the memory baseline, the libraries both ways use (the public scripts run on accelerate too),
+    so that their ~300 MB of code and tables are counted in neither way's memory; diffusers loads its modules
+    lazily, on first use, which would otherwise land on one side of the baseline or the other."""
+    import accelerate  # noqa: F401
+    import peft  # noqa: F401
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: F401
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel  # noqa: F401
+
+
+def write_cache(model_dir: str, px: int, max_sequence_length: int, num_pairs: int, out: str, threads: int) -> None:
     """The latent + text-embedding cache of the benchmark's pairs (what `genalign cache` writes)."""
     from genalign.data import build_cache
-    from genalign.models import SD3Adapter
+    from genalign.models import load_adapter
 
     torch.set_num_threads(threads)
-    build_cache(SD3Adapter(cpu_pipeline()), random_pairs(num_pairs, 32), out, resolution=32, progress=False)
+    adapter = load_adapter(model_dir, max_sequence_length=max_sequence_length)
+    build_cache(adapter, random_pairs(num_pairs, px), out, resolution=px, progress=False)
 
 
 # genalign's CPU variants: trainer options on top of the default step
@@ -109,11 +211,11 @@ GENALIGN_CPU_VARIANTS = {
 }
 
 
-def run_genalign(pairs: int, steps: int, warmup: int, threads: int, **options) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
+def run_genalign(model_dir: str, px: int, max_sequence_length: int, pairs: int, steps: int, warmup: int,
+                 threads: int, **options) -> dict:
 
     from genalign.data import load_cache
-    from genalign.models import SD3Adapter
+    from genalign.models import load_adapter
     from genalign.trainers import FlowDPOConfig, FlowDPOTrainer
     from genalign.trainers.loop import to_device
 
@@ -123,47 +225,56 @@ def run_genalign(pairs: int, steps: int, warmup: int, threads: int, **options) -
     # so the VAE and text-encoder work and the memory it leaves with the allocator are not part of the step.
     t0 = time.perf_counter()
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import flow_dpo_step as b; "
-            f"b.write_cache({pairs * (steps + 1)}, {str(tmp / 'cache')!r}, {threads})")
+            f"b.write_cache({model_dir!r}, {px}, {max_sequence_length}, {pairs * (steps + 1)}, "
+            f"{str(tmp / 'cache')!r}, {threads})")
     subprocess.run([sys.executable, "-c", code], check=True)
     cache_s = time.perf_counter() - t0
-    adapter = SD3Adapter(cpu_pipeline())
+    preload_libraries()
     baseline = rss_mb()
-    dataset = load_cache(tmp / "cache", adapter=adapter, resolution=32)
-    adapter.release_text_encoders()  # as `genalign train` does on a cache
+    # as `genalign train flow-dpo` on a cache does (FlowDPOTrainer.from_config)
+    adapter = load_adapter(model_dir, max_sequence_length=max_sequence_length)
+    dataset = load_cache(tmp / "cache", adapter=adapter, resolution=px)
+    adapter.release_text_encoders()
     cfg = FlowDPOConfig(output_dir=str(tmp / "run"), max_steps=steps, batch_size=pairs, lr=1e-4, log_every=1,
                         checkpoint_every=10**6, report_to="none", progress_bar=False, num_threads=threads,
-                        lora_rank=16, seed=0, **options)
+                        lora_rank=16, seed=0, resolution=px, **options)
     trainer = FlowDPOTrainer(adapter, cfg, dataset)
+    peak_reset = reset_peak_rss()
     trainer.train()
-    peak = peak_memory_mb(baseline)
+    peak = peak_rss_mb() - baseline
     records = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     elapsed = {r["step"]: r["elapsed_s"] for r in records}
     step_s = (elapsed[steps] - elapsed[warmup]) / (steps - warmup)
     # The arithmetic of one step (matmuls, convolutions, attention), after the timed run
     batch = to_device(next(trainer._batch_stream(0)), trainer.device)
-    with FlopCounterMode(display=False) as counter:
+    with cpu_flop_counter() as counter:
         loss, _ = trainer.compute_loss(batch)
         loss.backward()
-    return {"step_s": step_s, "cache_build_s": cache_s, "peak_mb": peak, "gflop_per_step": counter.get_total_flops() / 1e9}
+    return {"step_s": step_s, "cache_build_s": cache_s, "peak_mb": peak, "peak_reset": peak_reset,
+            "gflop_per_step": counter.get_total_flops() / 1e9}
 
 
-def run_peer(pairs: int, steps: int, warmup: int, threads: int) -> dict:
+def run_peer(model_dir: str, px: int, max_sequence_length: int, pairs: int, steps: int, warmup: int,
+             threads: int) -> dict:
+    from diffusers import StableDiffusion3Pipeline
     from peft import LoraConfig
-    from torch.utils.flop_counter import FlopCounterMode
 
     from genalign import flow
     from genalign.losses import flow_dpo_loss
+    from genalign.models.base import read_model_index
 
     torch.set_num_threads(threads)
-    pipe = cpu_pipeline()
+    preload_libraries()
     baseline = rss_mb()
+    absent = {k: None for k, v in read_model_index(model_dir).items() if v == [None, None]}  # the world's: no T5
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, **absent)
     transformer = pipe.transformer
     reference = copy.deepcopy(transformer).requires_grad_(False).eval()  # the peer's separate full copy
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     params = [p for p in transformer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    data = random_pairs(pairs * (steps + 1), 32)
+    data = random_pairs(pairs * (steps + 1), px)
     g = torch.Generator().manual_seed(0)
     vae = pipe.vae
     shift = vae.config.shift_factor or 0.0
@@ -176,7 +287,8 @@ def run_peer(pairs: int, steps: int, warmup: int, threads: int) -> dict:
             lat_w = (vae.encode(px("media_a")).latent_dist.sample() - shift) * vae.config.scaling_factor
             lat_l = (vae.encode(px("media_b")).latent_dist.sample() - shift) * vae.config.scaling_factor
             embeds, _, pooled, _ = pipe.encode_prompt([p.prompt for p in batch], None, None,
-                                                      do_classifier_free_guidance=False, max_sequence_length=1)
+                                                      do_classifier_free_guidance=False,
+                                                      max_sequence_length=max_sequence_length)
         t = flow.sample_logit_normal(pairs, generator=g)
         noise = torch.randn(lat_w.shape, generator=g)
         errs = {}
@@ -194,15 +306,16 @@ def run_peer(pairs: int, steps: int, warmup: int, threads: int) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
+    peak_reset = reset_peak_rss()
     times = []
     for step in range(steps):
         t0 = time.perf_counter()
         one_step(step)
         times.append(time.perf_counter() - t0)
-    peak = peak_memory_mb(baseline)
-    with FlopCounterMode(display=False) as counter:
+    peak = peak_rss_mb() - baseline
+    with cpu_flop_counter() as counter:
         one_step(steps)
-    return {"step_s": float(np.mean(times[warmup:])), "peak_mb": peak,
+    return {"step_s": float(np.mean(times[warmup:])), "peak_mb": peak, "peak_reset": peak_reset,
             "gflop_per_step": counter.get_total_flops() / 1e9}
 
 
@@ -517,9 +630,16 @@ def count_at_real_size(pairs: int = 2, resolutions=(512, 1024)) -> dict:
     VAE encoding of both images and the three text encoders on the prompts, every step. On hardware where the step
     is compute-bound, the ratio of the two counts bounds the speed-up any implementation of the same loss gets
     from the cache and the shared reference; the weights each must keep resident bound the memory ratio."""
+    from rlg_step import SD35_MEDIUM
+
+    return count_two_ways(SD35_MEDIUM, T5_XXL, 256, (CLIP_L, CLIP_BIGG), 77, SD3_VAE, pairs, resolutions)
+
+
+def count_two_ways(transformer_cfg: dict, t5_cfg: dict, t5_tokens: int, clip_cfgs, clip_tokens: int, vae_cfg: dict,
+                   pairs: int, resolutions) -> dict:
+    """`count_at_real_size` for any SD3 pipeline's component configs (the CPU's proportioned one too)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from peft import LoraConfig
-    from rlg_step import SD35_MEDIUM
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
@@ -532,29 +652,30 @@ def count_at_real_size(pairs: int = 2, resolutions=(512, 1024)) -> dict:
         return sum(p.numel() for p in module.parameters()) / 1e9
 
     with torch.device("meta"):
-        transformer = SD3Transformer2DModel(**SD35_MEDIUM).requires_grad_(False)
+        transformer = SD3Transformer2DModel(**transformer_cfg).requires_grad_(False)
         transformer.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-        encoders = {"t5": (T5EncoderModel(T5Config(**T5_XXL)), 256),
-                    "clip_l": (CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)), 77),
-                    "clip_g": (CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG)), 77)}
-        vae = AutoencoderKL(**SD3_VAE)
+        encoders = [(T5EncoderModel(T5Config(**t5_cfg)), t5_tokens),
+                    *[(CLIPTextModelWithProjection(CLIPTextConfig(**cfg)), clip_tokens) for cfg in clip_cfgs]]
+        vae = AutoencoderKL(**vae_cfg)
     n = 2 * pairs  # winners and losers
-    text_inputs = {"encoder_hidden_states": torch.zeros(n, 333, 4096, device="meta"),
-                   "pooled_projections": torch.zeros(n, 2048, device="meta"), "timestep": torch.ones(n, device="meta")}
+    text_tokens, latent_channels = clip_tokens + t5_tokens, transformer_cfg["in_channels"]
+    text_inputs = {"encoder_hidden_states": torch.zeros(n, text_tokens, transformer_cfg["joint_attention_dim"], device="meta"),
+                   "pooled_projections": torch.zeros(n, transformer_cfg["pooled_projection_dim"], device="meta"),
+                   "timestep": torch.ones(n, device="meta")}
 
     def denoise(latents):
         return transformer(hidden_states=latents, **text_inputs).sample
 
     def encode_text():
         with torch.no_grad():
-            for model, tokens in encoders.values():
+            for model, tokens in encoders:
                 model(input_ids=torch.zeros(pairs, tokens, dtype=torch.long, device="meta"))
 
     weights = {"transformer": billions(transformer), "vae": billions(vae),
-               "text_encoders": sum(billions(m) for m, _ in encoders.values())}
+               "text_encoders": sum(billions(m) for m, _ in encoders)}
     out = {"pairs": pairs, "params_billion": weights, "resolutions": {}}
     for px in resolutions:
-        latents = torch.zeros(n, 16, px // 8, px // 8, device="meta")
+        latents = torch.zeros(n, latent_channels, px // 8, px // 8, device="meta")
 
         def policy_step(latents=latents):
             denoise(latents).sum().backward()
@@ -598,22 +719,64 @@ def print_real_size_count(count: dict) -> None:
 
 # ------------------------------------------------------------------------------------------- driver
 def child(args) -> None:
+    spec = CPU_MODELS[args.model]
+    common = (args.model_dir, spec["px"], spec["max_sequence_length"], args.pairs, args.steps, args.warmup, args.threads)
     if args.variant == "peer":
-        result = run_peer(args.pairs, args.steps, args.warmup, args.threads)
+        result = run_peer(*common)
     else:
-        result = run_genalign(args.pairs, args.steps, args.warmup, args.threads, **GENALIGN_CPU_VARIANTS[args.variant])
+        result = run_genalign(*common, **GENALIGN_CPU_VARIANTS[args.variant])
     print("RESULT " + json.dumps(result))
 
 
-def measure(variant: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--variant", variant, "--pairs", str(args.pairs), "--steps",
-           str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+def measure(variant: str, model_dir: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--variant", variant, "--model", args.model, "--model-dir", model_dir,
+           "--pairs", str(args.pairs), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--threads", str(args.threads)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{variant} failed:\n{out.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])
+
+
+def cpu_main(args) -> None:
+    """Both ways on the CPU, each variant in its own process, on one model; a table with the ratios."""
+    names = ["peer", *(args.variants or GENALIGN_CPU_VARIANTS)]
+    unknown = set(names) - {"peer", *GENALIGN_CPU_VARIANTS}
+    if unknown:
+        raise SystemExit(f"--variants: unknown CPU variant(s) {sorted(unknown)}; choose from {list(GENALIGN_CPU_VARIANTS)}")
+    workdir = tempfile.mkdtemp(prefix="flow-dpo-bench-")
+    try:
+        model_dir = model_folder(args.model, workdir)
+        results = {v: measure(v, model_dir, args) for v in names}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    p = results["peer"]
+    summary = {
+        "device": "cpu", "model": args.model, "px": CPU_MODELS[args.model]["px"], "threads": args.threads,
+        "pairs_per_step": args.pairs, "steps_timed": args.steps - args.warmup, "results": results,
+        # per genalign variant: peer's step time / its step time, its peak memory / peer's
+        "speedup": {v: p["step_s"] / results[v]["step_s"] for v in names[1:]},
+        "memory_ratio": {v: results[v]["peak_mb"] / p["peak_mb"] for v in names[1:]},
+        # On a compute-bound CPU an eager step cannot get faster than its share of the arithmetic: this is the
+        # bound on the eager `speedup` that batching and the cache alone can reach.
+        "arithmetic_ratio": p["gflop_per_step"] / results["genalign"]["gflop_per_step"],
+    }
+    from gpu_common import output_path, write_json
+
+    write_json(output_path(args.out, f"flow_dpo_step_cpu_{args.model}.json"), summary)
+    print(f"\nFlow-DPO step on the CPU, model {args.model} at {summary['px']} px, {args.pairs} pairs, {args.threads} "
+          "thread(s); memory = peak RSS during training above the process before the model was loaded (a compiled "
+          "variant's includes the compiler)")
+    print(f"{'variant':22s} {'s/step':>8s} {'pairs/s':>8s} {'peak MB':>8s} {'GFLOP':>8s} {'speedup':>8s} {'memory':>7s}")
+    for name in names:
+        r = results[name]
+        ratios = (f"{summary['speedup'][name]:7.2f}x {summary['memory_ratio'][name]:6.2f}x" if name != "peer" else "")
+        print(f"{name:22s} {r['step_s']:8.3f} {args.pairs / r['step_s']:8.1f} {r['peak_mb']:8.0f} "
+              f"{r['gflop_per_step']:8.2f} {ratios}")
+    print(f"targets: speedup >= 1.5x, memory <= 0.7x the peer's; the peer does {summary['arithmetic_ratio']:.2f}x "
+          "genalign's arithmetic (at SD3.5-medium's real size: 1.31x at 512 px, 1.16x at 1024; --count-real-size)")
 
 
 def main() -> None:
@@ -629,13 +792,17 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the at-scale code path with a tiny config (CPU check)")
     parser.add_argument("--quick", action="store_true", help="at scale: fewer steps and variants (a few minutes)")
     parser.add_argument("--px", type=int, nargs="*", help="at scale: resolutions (default 512 1024; tiny 64 128)")
-    parser.add_argument("--variants", nargs="*", help=f"at scale: any of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", nargs="*", help=f"at scale: any of {', '.join(VARIANTS)}; CPU: any of "
+                                                      f"{', '.join(GENALIGN_CPU_VARIANTS)} (the peer always runs)")
     parser.add_argument("--text-tokens", type=int, default=None, help="at scale: text tokens (default 333)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--count-real-size", action="store_true",
                         help="only count both ways' arithmetic and weights at SD3.5-medium size (meta device, ~20 s)")
+    parser.add_argument("--model", choices=tuple(CPU_MODELS), default="world",
+                        help="CPU: the world's image model, or a random-init SD3 with SD3.5-medium's proportions")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     from gpu_common import offline_env
 
@@ -656,32 +823,7 @@ def main() -> None:
     args.warmup = 5 if args.warmup is None else args.warmup
     if args.child:
         return child(args)
-    names = ["peer", *GENALIGN_CPU_VARIANTS]
-    results = {v: measure(v, args) for v in names}
-    p = results["peer"]
-    summary = {
-        "device": "cpu", "threads": args.threads, "pairs_per_step": args.pairs, "steps_timed": args.steps - args.warmup,
-        "results": results,
-        # per genalign variant: peer's step time / its step time, its peak memory / peer's
-        "speedup": {v: p["step_s"] / results[v]["step_s"] for v in GENALIGN_CPU_VARIANTS},
-        "memory_ratio": {v: results[v]["peak_mb"] / p["peak_mb"] for v in GENALIGN_CPU_VARIANTS},
-        # On a compute-bound CPU an eager step cannot get faster than its share of the arithmetic: this is the
-        # bound on the eager `speedup` that batching and the cache alone can reach.
-        "arithmetic_ratio": p["gflop_per_step"] / results["genalign"]["gflop_per_step"],
-    }
-    from gpu_common import output_path, write_json
-
-    write_json(output_path(args.out, "flow_dpo_step_cpu.json"), summary)
-    print(f"\nFlow-DPO step, the world's image model (SD3, 2.3M params), {args.pairs} pairs, {args.threads} thread(s); "
-          "peak memory = peak RSS above the process after model load (a compiled variant's includes the compiler)")
-    print(f"{'variant':22s} {'s/step':>8s} {'pairs/s':>8s} {'peak MB':>8s} {'GFLOP':>8s} {'speedup':>8s} {'memory':>7s}")
-    for name in names:
-        r = results[name]
-        ratios = (f"{summary['speedup'][name]:7.2f}x {summary['memory_ratio'][name]:6.2f}x" if name != "peer" else "")
-        print(f"{name:22s} {r['step_s']:8.3f} {args.pairs / r['step_s']:8.1f} {r['peak_mb']:8.0f} "
-              f"{r['gflop_per_step']:8.2f} {ratios}")
-    print(f"targets: speedup >= 1.5x, memory <= 0.7x the peer's; the peer does {summary['arithmetic_ratio']:.2f}x "
-          "genalign's arithmetic")
+    return cpu_main(args)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,29 @@ def test_flow_dpo_step_tiny_runs_the_at_scale_path_and_reports_flops_and_timings
     assert len({r["flops_per_step"] for r in report["results"]}) == 1
 
 
+def test_flow_dpo_step_cpu_on_sd35m_proportions_and_the_meta_count_agrees_with_the_trainer(tmp_path):
+    """The CPU mode on the proportioned SD3 (T5 + two CLIPs + a 4-level VAE): both ways train and report; the
+    FLOPs counted on the real trainer's step and on the peer's equal the meta-device count of the same configs
+    (`count_two_ways`, the method behind --count-real-size), so that count can stand for the real model's."""
+    run_script("flow_dpo_step.py", "--model", "sd35m-proportions", "--pairs", "1", "--steps", "3", "--warmup", "1",
+               "--variants", "genalign", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "flow_dpo_step_cpu_sd35m-proportions.json").read_text())
+    assert report["model"] == "sd35m-proportions" and report["px"] == 256 and set(report["results"]) == {"peer", "genalign"}
+    for r in report["results"].values():
+        assert r["step_s"] > 0 and r["peak_mb"] > 0 and r["peak_reset"] in (True, False)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import flow_dpo_step as bench
+    finally:
+        sys.path.pop(0)
+    count = bench.count_two_ways(bench.PROPORTIONED_TRANSFORMER, bench.PROPORTIONED_T5, 64, bench.PROPORTIONED_CLIPS,
+                                 16, bench.PROPORTIONED_VAE, pairs=1, resolutions=(256,))["resolutions"][256]
+    measured = report["results"]
+    assert measured["genalign"]["gflop_per_step"] == pytest.approx(count["genalign_tflop"] * 1e3, rel=0.03)
+    assert measured["peer"]["gflop_per_step"] == pytest.approx(count["peer_tflop"] * 1e3, rel=0.03)
+    assert report["arithmetic_ratio"] == pytest.approx(count["arithmetic_ratio"], rel=0.03) and count["arithmetic_ratio"] > 1.2
+
+
 def test_reward_throughput_cpu_reports_batched_and_reload_per_call_items_per_second(tmp_path):
     out = tmp_path / "reward.json"
     run_script("reward_throughput.py", "--items", "4", "--reload-calls", "1", "--batch-sizes", "1", "4",
