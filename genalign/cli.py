@@ -242,12 +242,23 @@ def cmd_world_pairs(args) -> int:
 
     annotator = Annotator(tie_margin=args.tie_margin, noise=args.noise, seed=args.seed)
     if args.source == "renders":
-        if args.model or args.lora:
-            raise SystemExit("error: --source renders draws the renderer, not a model: leave out --model / --lora")
         kind = args.kind or "image"
+        sdedit = {}
+        if args.sdedit is not None:
+            if kind != "image" or not 0 < args.sdedit <= 1:
+                raise SystemExit("error: --sdedit STRENGTH (in (0, 1]) is for --kind image render pairs")
+            adapter, defaults, _path = _load_model(args.model or "world", "image", args.lora)
+            kw = _sampling_kwargs(args, defaults, adapter)
+            for size in ("height", "width"):  # the renders' size
+                kw.pop(size)
+            sdedit = {"sdedit_adapter": adapter, "sdedit_strength": args.sdedit, **kw}
+        elif args.model or args.lora:
+            raise SystemExit("error: --source renders draws the renderer, not a model: leave out --model / --lora "
+                             "(or give --sdedit STRENGTH to pass the renders through the model)")
         # the swapped prompts come from the same split: held-out prompts stay unseen by a model trained on these
         out = make_render_pairs(kind, pair_prompts(kind, args.split, args.num_pairs, args.seed), args.out, annotator,
-                                seed=args.seed, autoencoder=args.autoencoder, allowed=set(split_prompts(kind, args.split)))
+                                seed=args.seed, autoencoder=args.autoencoder, allowed=set(split_prompts(kind, args.split)),
+                                **sdedit)
         print(f"wrote {args.num_pairs} labelled {kind} render pairs to {out}")
         return 0
     adapter, defaults, _path = _load_model(args.model, args.kind, args.lora)
@@ -415,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "model; genalign.world.annotators.make_render_pairs)")
     p.add_argument("--autoencoder", type=float, default=0.5,
                    help="--source renders: share of pairs passed through the world autoencoder")
+    p.add_argument("--sdedit", type=float, default=None, metavar="STRENGTH",
+                   help="--source renders, images: pass every render through the model (--model, default the world's) "
+                        "by SDEdit at this strength instead: pictures in the generator's style")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_world_pairs)
     return parser

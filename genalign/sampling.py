@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import flow
 from .models.base import Cond, FlowAdapter
 
 Combiner = Callable[[torch.Tensor, torch.Tensor, Cond, Cond], torch.Tensor]
@@ -47,21 +48,37 @@ def sample_latents(
     negative_prompt: str = "",
     combiner: Combiner | None = None,
     progress: bool = False,
+    init_latents: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Integrate from noise (t=1) to data (t=0). Returns normalised latents.
 
     `latents`: the initial unit Gaussian noise (B, *adapter.latent_shape(...)), as the stock pipelines'
     `latents` argument (unpacked for FLUX). Like them, it is multiplied by the scheduler's `init_noise_sigma`
     (1 for flow models; for UNet models the factor that takes it to the flow sample at the first noise level).
+    `init_latents` (normalised, e.g. `adapter.encode_pixels(images)`) with `strength` in (0, 1]: SDEdit /
+    image-to-image as the stock img2img pipelines do it: the last num_steps * strength steps only, from
+    the flow sample (1 - t) init + t noise at the first of them.
     """
     cond = adapter.encode_prompt(prompts)
     uncond = adapter.encode_prompt([negative_prompt] * len(prompts))
     x = latents if latents is not None else initial_noise(adapter, len(prompts), height, width, num_frames, generator)
     scheduler = adapter.sampling_scheduler()
     adapter.set_schedule(scheduler, num_steps, x)
-    x = x * getattr(scheduler, "init_noise_sigma", 1.0)
     num_train = scheduler.config.num_train_timesteps
-    for ts in tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False):
+    timesteps = scheduler.timesteps
+    if init_latents is None:
+        x = x * getattr(scheduler, "init_noise_sigma", 1.0)
+    else:
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if init_latents.shape != x.shape:
+            raise ValueError(f"init_latents has shape {tuple(init_latents.shape)}, the noise {tuple(x.shape)}")
+        skip = int(max(num_steps - num_steps * strength, 0))  # the stock img2img pipelines' rounding: >= 1 step
+        timesteps = timesteps[skip:]
+        scheduler.set_begin_index(skip)
+        x = flow.interpolate(init_latents.to(x.device, x.dtype), x, (timesteps[0] / num_train).to(x.dtype))
+    for ts in tqdm(timesteps, disable=not progress, desc="sampling", leave=False):
         t = (ts / num_train).to(x.device, x.dtype).expand(x.shape[0])
         if combiner is None:
             v = cfg_velocity(adapter, x, t, cond, uncond, guidance_scale)

@@ -184,6 +184,31 @@ def test_sampling_matches_the_stock_pipeline(name):
     assert maxdiff(ours_px, stock_px) < 1e-4
 
 
+@pytest.mark.parametrize("strength", [0.6, 0.45])
+def test_sdedit_from_init_latents_matches_the_stock_img2img_pipeline(strength):
+    """sample_latents(init_latents=..., strength=s) == StableDiffusion3Img2ImgPipeline from the same latents and
+    noise: the same steps kept (its rounding: 10 steps at 0.45 run 5, at 0.6 run 6), the same noising."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    fam, pipe, adapter = make("sd3")
+    steps = 10
+    init = noise(adapter, fam, seed=5)
+    ours = sample_latents(adapter, PROMPTS, num_steps=steps, guidance_scale=GUIDANCE, latents=noise(adapter, fam),
+                          init_latents=init, strength=strength, height=fam.height, width=fam.width)
+    stock_pipe = StableDiffusion3Img2ImgPipeline(**pipe.components)
+    stock_pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():  # image = normalised latents (the pipeline takes them as they are); noise from the seed
+        stock = stock_pipe(prompt=PROMPTS, image=init, strength=strength, num_inference_steps=steps,
+                           guidance_scale=GUIDANCE, negative_prompt=[""] * len(PROMPTS), output_type="latent",
+                           generator=torch.Generator().manual_seed(0), **fam.stock_kw).images
+    assert maxdiff(ours, init) > 0.05 and maxdiff(ours, stock) < 1e-4, maxdiff(ours, stock)
+    full = sample_latents(adapter, PROMPTS, num_steps=steps, guidance_scale=GUIDANCE, latents=noise(adapter, fam))
+    assert maxdiff(ours, full) > 0.05  # the init latents matter
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="strength"):
+            sample_latents(adapter, PROMPTS, num_steps=steps, init_latents=init, strength=bad, latents=noise(adapter, fam))
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_unet_velocity_is_the_converted_ddpm_output(prediction_type):
     """One UNet evaluation at an integer DDPM timestep s, converted by hand to v = eps - x0, equals

@@ -217,6 +217,34 @@ def test_render_pairs_for_images_differ_in_one_attribute_and_label_the_prompts_r
         make_render_pairs("audio", prompts, tmp_path, Annotator(noise=0.0))
 
 
+def test_sdedit_render_pairs_look_like_the_generator_and_keep_the_render_more_the_lower_the_strength(tmp_path):
+    """`sdedit_adapter`: each render goes through the world image model by SDEdit on its own prompt. The pictures
+    change (they are the generator's), stay nearer the render at a lower strength, the same seed gives the same
+    pictures, and the prompt's side keeps the oracle's text alignment on most pairs."""
+    from genalign.data import load_preference_pairs
+    from genalign.models import load_adapter
+    from genalign.world import world_model_path
+    from genalign.world.annotators import make_render_pairs, sdedit_images
+
+    adapter = load_adapter(world_model_path("image"))
+    prompts = grammar.image_splits().train[:8]
+    renders = np.stack([to_uint8(render_image(p, 3 * 1_000_003 + i)) for i, p in enumerate(prompts)])
+    kw = {"num_steps": 10, "guidance_scale": 4.0, "progress": False}
+    distance = {s: np.abs(sdedit_images(adapter, renders, prompts, s, seed=3, **kw).astype(float) - renders).mean()
+                for s in (0.3, 0.9)}
+    assert 0 < distance[0.3] < distance[0.9]
+    path = make_render_pairs("image", prompts, tmp_path, Annotator(noise=0.0), seed=3, progress=False,
+                             allowed=set(grammar.image_splits().train), sdedit_adapter=adapter, sdedit_strength=0.6,
+                             num_steps=10, guidance_scale=4.0)
+    ds = load_preference_pairs(path, tie_policy="half")
+    assert ds.prompts == prompts
+    a = np.stack([ds[i].media_a for i in range(len(ds))])
+    assert np.array_equal(a, sdedit_images(adapter, renders, prompts, 0.6, seed=3, **kw))
+    assert not np.array_equal(a, renders)
+    kept = sum(judge_image(ds[i].media_a, p).TA > judge_image(ds[i].media_b, p).TA for i, p in enumerate(prompts))
+    assert kept >= 5, kept
+
+
 def test_pairs_written_from_float_renders_keep_their_pixels(tmp_path):
     """The renderer returns floats in [0, 1]; writing them used to cast straight to uint8: an all-black clip with a
     label computed from the real one."""

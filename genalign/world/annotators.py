@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from ..media import uint8_pixels, write_video
 from .oracle import judge
@@ -119,7 +121,8 @@ def write_videoalign_csv(rows: list[dict], path: str | Path) -> Path:
 
 
 def make_render_pairs(kind: str, prompts: list[str], out_dir: str | Path, annotator: Annotator, *, seed: int = 0,
-                      allowed: set[str] | None = None, autoencoder: float = 0.5, progress: bool = True) -> Path:
+                      allowed: set[str] | None = None, autoencoder: float = 0.5, progress: bool = True,
+                      sdedit_adapter=None, sdedit_strength: float = 0.6, **sampling) -> Path:
     """Labelled pairs without the generator: each prompt's render (A) against the render of a one-attribute-swapped
     prompt (B: `clip_pretrain.hard_negative_prompt`, drawn from `allowed`, e.g. the train split), with the same
     seed, so the two differ in that attribute only. A share `autoencoder` of the pairs goes through the world
@@ -128,7 +131,12 @@ def make_render_pairs(kind: str, prompts: list[str], out_dir: str | Path, annota
 
     What it is for: a stage 1 that teaches text alignment to a reward model with no pretrained text-vision grounding
     (the world's tiny VideoReward), as captioned renders do for the world CLIP. Written like `make_preference_data`
-    (Pick-a-Pic parquet / VideoAlign CSV under out_dir)."""
+    (Pick-a-Pic parquet / VideoAlign CSV under out_dir).
+
+    `sdedit_adapter` (images): instead of the autoencoder, every render goes through that generator by SDEdit
+    (noised to `sdedit_strength`, denoised on its own prompt, the same noise for both sides of a pair): pictures in
+    the generator's own style, blobs and all, whose content still follows the render. The annotator labels what
+    came out, so a picture the generator changed is judged as it is."""
     from .clip_pretrain import autoencoder_round_trip, hard_negative_prompt, load_world_autoencoder
     from .render import render_image, render_video, to_uint8
 
@@ -139,6 +147,12 @@ def make_render_pairs(kind: str, prompts: list[str], out_dir: str | Path, annota
     negatives = [hard_negative_prompt(p, rng, allowed) for p in prompts]
     a = np.stack([to_uint8(render(p, seed * 1_000_003 + i)) for i, p in enumerate(prompts)])
     b = np.stack([to_uint8(render(q, seed * 1_000_003 + i)) for i, q in enumerate(negatives)])
+    if sdedit_adapter is not None:
+        if kind != "image":
+            raise ValueError("SDEdit render pairs are for images (the video model's VAE is per frame)")
+        a = sdedit_images(sdedit_adapter, a, prompts, sdedit_strength, seed, progress=progress, **sampling)
+        b = sdedit_images(sdedit_adapter, b, negatives, sdedit_strength, seed, progress=progress, **sampling)
+        return write_pickapic_parquet(label_image_pairs(a, b, prompts, annotator), Path(out_dir) / "pairs.parquet")
     through = np.array([rng.random() < autoencoder for _ in prompts], dtype=bool)
     if through.any():
         vae = load_world_autoencoder()
@@ -151,6 +165,26 @@ def make_render_pairs(kind: str, prompts: list[str], out_dir: str | Path, annota
         return write_pickapic_parquet(label_image_pairs(a, b, prompts, annotator), out_dir / "pairs.parquet")
     rows = label_video_pairs(a, b, prompts, annotator, out_dir, prefix="render", progress=progress)
     return write_videoalign_csv(rows, out_dir / "pairs.csv")
+
+
+def sdedit_images(adapter, images: np.ndarray, prompts: list[str], strength: float, seed: int, batch_size: int = 64,
+                  progress: bool = True, **sampling) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> the generator's SDEdit of each on its prompt, uint8; noise seeded per batch start, so
+    the i-th image of two calls with the same seed gets the same noise."""
+    from ..sampling import initial_noise, latents_to_uint8, sample_latents
+
+    height, width = images.shape[1:3]
+    out = []
+    for start in tqdm(range(0, len(images), batch_size), desc="sdedit", disable=not progress):
+        chunk = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            init = adapter.encode_pixels(chunk.to(adapter.device))
+        g = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        noise = initial_noise(adapter, len(chunk), height, width, None, g)
+        lat = sample_latents(adapter, prompts[start:start + batch_size], latents=noise, init_latents=init,
+                             strength=strength, height=height, width=width, **sampling)
+        out.append(latents_to_uint8(adapter, lat))
+    return np.concatenate(out)
 
 
 def make_preference_data(adapter, kind: str, prompts: list[str], out_dir: str | Path, annotator: Annotator,
