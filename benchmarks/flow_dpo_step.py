@@ -11,7 +11,7 @@ memory is its own; genalign's cache is written first by another process, as `gen
 
 On the CPU, two models (`--model`): the world's image model at 32 px (its transformer is nearly all of it: the VAE
 and text encoders are tiny), and "sd35m-proportions", a random-init SD3 at 256 px with SD3.5-medium's components in
-its proportions (T5 and CLIP text towers 2.9x the transformer's parameters, real 2.5x; each way's share of the
+its proportions (T5 and CLIP text towers 3.0x the transformer's parameters, real 2.5x; each way's share of the
 arithmetic within 0.02 of the real model's at 512 px: VAE encoding 0.15, text encoders 0.15 of genalign's step;
 peer / genalign 1.30x, real 1.31x). Memory: the peak RSS during training above the process before the model was
 loaded, with the libraries both use imported first (so it counts weights and activations, not code). Also: the
@@ -73,10 +73,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_common, rlg_step
 # ------------------------------------------------------------------------------------------- the CPU models
 # "world": the shipped world image model (SD3 family; a 2.3M-parameter transformer, text encoders of 0.02M: the
 # transformer is nearly all of it). "sd35m-proportions": a random-init SD3 pipeline with SD3.5-medium's components
-# in its proportions, scaled down to run on a CPU: T5 (here 2.1x the transformer's parameters, as T5-XXL to the
-# MMDiT), two CLIP text towers (0.4x), a 4-level 8x VAE with 16 latent channels, dual-attention blocks in the
-# first half, qk RMS-norm, text tokens a third of the image tokens (333 : 1024 at 512 px). The run prints each
-# component's share of the arithmetic next to the real model's (`--count-real-size`).
+# in its proportions, scaled down to run on a CPU (a 3.9M-parameter MMDiT): T5 2.6x the transformer's parameters
+# (T5-XXL: 2.1x), two CLIP text towers 0.37x (real 0.37x), a 4-level 8x VAE with 16 latent channels, dual-attention
+# blocks in the first half, qk RMS-norm, text tokens a third of the image tokens (333 : 1024 at 512 px). Sized so
+# that the shares of the arithmetic match the real model's at 512 px (the module docstring; `count_two_ways`).
 CPU_MODELS = {"world": {"px": 32, "max_sequence_length": 1},
               "sd35m-proportions": {"px": 256, "max_sequence_length": 64}}
 PROPORTIONED_TRANSFORMER = {"sample_size": 32, "patch_size": 2, "in_channels": 16, "num_layers": 6,
