@@ -161,12 +161,16 @@ def cmd_sample(args) -> int:
     prompts = _read_prompts(args, _is_world_model(path))
     kw = _sampling_kwargs(args, defaults, adapter)
     kw.update(_guidance(args, adapter, kw))
+    init = _init_latents(args, adapter, kw)
     flat = [p for p in prompts for _ in range(args.num_per_prompt)]
     out = Path(args.out)
     outs = []
     for start in range(0, len(flat), args.batch_size):
         g = torch.Generator().manual_seed(args.seed + start)
-        lat = sample_latents(adapter, flat[start : start + args.batch_size], generator=g, progress=True, **kw)
+        chunk = flat[start : start + args.batch_size]
+        if init is not None:  # SDEdit: every sample starts from the same picture, each with its own noise
+            kw.update(init_latents=init.expand(len(chunk), *init.shape[1:]), strength=args.strength)
+        lat = sample_latents(adapter, chunk, generator=g, progress=True, **kw)
         outs.append(latents_to_uint8(adapter, lat))
     samples = np.concatenate(outs)
     if adapter.is_video:
@@ -187,6 +191,30 @@ def cmd_sample(args) -> int:
             save_png(out / "grid.png", grid)
             print(f"wrote {len(samples)} images and grid.png to {out}/")
     return 0
+
+
+def _init_latents(args, adapter, kw: dict):
+    """`--init-image`: the picture resized and centre-cropped to the sampling size, in the model's latents."""
+    if args.init_image is None:
+        if args.strength is not None:
+            raise SystemExit("error: --strength goes with --init-image (SDEdit / image-to-image)")
+        return None
+    import torch
+
+    from .data.media import decode_image, to_pixels
+
+    if adapter.is_video:
+        raise SystemExit("error: --init-image is for image models")
+    if not 0 < (args.strength if args.strength is not None else 0.6) <= 1:
+        raise SystemExit(f"error: --strength must be in (0, 1], got {args.strength}")
+    args.strength = 0.6 if args.strength is None else args.strength
+    try:
+        image = decode_image(args.init_image)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --init-image {args.init_image}: cannot read it as an image ({e})") from e
+    pixels = to_pixels(image, (kw["height"], kw["width"]))[None].to(adapter.device)
+    with torch.no_grad():
+        return adapter.encode_pixels(pixels)
 
 
 def cmd_eval(args) -> int:
@@ -336,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help=".txt (one per line) or .jsonl file of prompts")
     p.add_argument("--num-per-prompt", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--init-image", default=None,
+                   help="SDEdit / image-to-image: start every sample from this picture (resized to --height/--width)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --init-image: how much to change it, in (0, 1] (default 0.6; 1 ignores the picture)")
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--out", default="samples.png", help="a .png grid, or a folder")
     p.set_defaults(func=cmd_sample)

@@ -47,6 +47,42 @@ def test_sample_is_reproducible_per_seed(tmp_path):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+def test_sample_from_an_init_image_is_sdedit_as_in_python_and_keeps_more_of_it_at_low_strength(tmp_path):
+    """`--init-image` (a 64 px render, resized to the model's 32 px) with `--strength`: the same pictures as
+    sample_latents(init_latents=..., strength=...) with the same seed; nearer the picture at a lower strength."""
+    import torch
+
+    from genalign.data.media import to_pixels
+    from genalign.models import load_adapter
+    from genalign.sampling import latents_to_uint8, sample_latents
+    from genalign.world import world_model_path
+    from genalign.world.render import render_image, to_uint8
+
+    picture = to_uint8(render_image("red circle", 7))
+    Image.fromarray(picture).resize((64, 64), Image.NEAREST).save(tmp_path / "init.png")
+    outs = {}
+    for strength in ("0.3", "0.9"):
+        genalign("sample", "--prompt", "red circle", "--num-per-prompt", "2", "--steps", "10", "--init-image",
+                 tmp_path / "init.png", "--strength", strength, "--out", tmp_path / strength)
+        outs[strength] = np.stack([np.asarray(Image.open(tmp_path / strength / f"000{i}.png")) for i in range(2)])
+    adapter = load_adapter(world_model_path("image"))
+    resized = np.asarray(Image.open(tmp_path / "init.png").convert("RGB"))
+    with torch.no_grad():
+        init = adapter.encode_pixels(to_pixels(resized, (32, 32))[None])
+    ours = latents_to_uint8(adapter, sample_latents(adapter, ["red circle"] * 2, num_steps=10, guidance_scale=4.0,
+                                                    generator=torch.Generator().manual_seed(0),
+                                                    init_latents=init.expand(2, -1, -1, -1), strength=0.3))
+    assert np.abs(ours.astype(int) - outs["0.3"]).max() <= 1
+    distance = {k: np.abs(v.astype(float) - picture).mean() for k, v in outs.items()}
+    assert distance["0.3"] < distance["0.9"]
+    bad = genalign("sample", "--prompt", "red circle", "--strength", "0.5", "--out", tmp_path / "x", check=False)
+    assert bad.returncode != 0 and "--strength goes with --init-image" in bad.stderr
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    bad = genalign("sample", "--prompt", "red circle", "--init-image", tmp_path / "broken.png", "--out",
+                   tmp_path / "y", check=False)
+    assert bad.returncode != 0 and "broken.png" in bad.stderr
+
+
 def test_sample_video_writes_mp4(tmp_path):
     genalign("sample", "--kind", "video", "--prompt", "red circle moving left", "--num-per-prompt", "1",
              "--steps", "4", "--out", tmp_path / "vid")
