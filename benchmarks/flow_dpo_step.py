@@ -448,7 +448,8 @@ def run_scale_variant(name: str, px: int, cfg: dict, args, device, tokens: int, 
     if px not in flops_cache:
         from torch.utils.flop_counter import FlopCounterMode
 
-        with FlopCounterMode(display=False) as counter:
+        # on CUDA torch counts flash attention; on the CPU (--tiny) only SDPA's math path is counted
+        with cpu_flop_counter() if device.type == "cpu" else FlopCounterMode(display=False) as counter:
             step()  # eager (compilation is applied below), outside any timing
         by_op = counter.get_flop_counts().get("Global", {})
         flops_cache[px] = {"flops": counter.get_total_flops(), "variant": name,
