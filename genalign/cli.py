@@ -161,7 +161,7 @@ def cmd_sample(args) -> int:
     prompts = _read_prompts(args, _is_world_model(path))
     kw = _sampling_kwargs(args, defaults, adapter)
     kw.update(_guidance(args, adapter, kw))
-    init = _init_latents(args, adapter, kw)
+    init, strength = _init_latents(args, adapter, kw)
     flat = [p for p in prompts for _ in range(args.num_per_prompt)]
     out = Path(args.out)
     outs = []
@@ -169,7 +169,7 @@ def cmd_sample(args) -> int:
         g = torch.Generator().manual_seed(args.seed + start)
         chunk = flat[start : start + args.batch_size]
         if init is not None:  # SDEdit: every sample starts from the same picture, each with its own noise
-            kw.update(init_latents=init.expand(len(chunk), *init.shape[1:]), strength=args.strength)
+            kw.update(init_latents=init.expand(len(chunk), *init.shape[1:]), strength=strength)
         lat = sample_latents(adapter, chunk, generator=g, progress=True, **kw)
         outs.append(latents_to_uint8(adapter, lat))
     samples = np.concatenate(outs)
@@ -194,27 +194,28 @@ def cmd_sample(args) -> int:
 
 
 def _init_latents(args, adapter, kw: dict):
-    """`--init-image`: the picture resized and centre-cropped to the sampling size, in the model's latents."""
+    """`--init-image` / `--strength`: (the picture resized and centre-cropped to the sampling size, in the model's
+    latents, the strength), or (None, None) without a picture."""
     if args.init_image is None:
         if args.strength is not None:
             raise SystemExit("error: --strength goes with --init-image (SDEdit / image-to-image)")
-        return None
+        return None, None
     import torch
 
     from .data.media import decode_image, to_pixels
 
     if adapter.is_video:
         raise SystemExit("error: --init-image is for image models")
-    if not 0 < (args.strength if args.strength is not None else 0.6) <= 1:
-        raise SystemExit(f"error: --strength must be in (0, 1], got {args.strength}")
-    args.strength = 0.6 if args.strength is None else args.strength
+    strength = 0.6 if args.strength is None else args.strength
+    if not 0 < strength <= 1:
+        raise SystemExit(f"error: --strength must be in (0, 1], got {strength}")
     try:
         image = decode_image(args.init_image)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --init-image {args.init_image}: cannot read it as an image ({e})") from e
     pixels = to_pixels(image, (kw["height"], kw["width"]))[None].to(adapter.device)
     with torch.no_grad():
-        return adapter.encode_pixels(pixels)
+        return adapter.encode_pixels(pixels), strength
 
 
 def cmd_eval(args) -> int:

@@ -50,7 +50,8 @@ def test_flow_dpo_step_cpu_on_sd35m_proportions_and_the_meta_count_agrees_with_t
     report = json.loads((tmp_path / "flow_dpo_step_cpu_sd35m-proportions.json").read_text())
     assert report["model"] == "sd35m-proportions" and report["px"] == 256 and set(report["results"]) == {"peer", "genalign"}
     for r in report["results"].values():
-        assert r["step_s"] > 0 and r["peak_mb"] > 0 and r["peak_reset"] in (True, False)
+        assert r["step_s"] > 0 and r["peak_mb"] > 0
+        assert r["peak_reset"] or not sys.platform.startswith("linux")  # the peak is that of training, not loading
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import flow_dpo_step as bench

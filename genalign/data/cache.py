@@ -171,9 +171,10 @@ def _text_encoders(adapter) -> list:
             return list(adapter.text_encoders())
         except Exception as e:  # noqa: BLE001 - fall back to the pipeline's attributes
             logger.debug("adapter.text_encoders() failed (%s); reading the pipeline", e)
+    from ..models.base import TEXT_ENCODER_NAMES
+
     pipe = getattr(adapter, "pipe", None)
-    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
-    return [getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None]
+    return [getattr(pipe, n) for n in TEXT_ENCODER_NAMES if getattr(pipe, n, None) is not None]
 
 
 def model_fingerprint(adapter) -> dict[str, Any]:

@@ -171,12 +171,13 @@ def sdedit_images(adapter, images: np.ndarray, prompts: list[str], strength: flo
                   progress: bool = True, **sampling) -> np.ndarray:
     """uint8 (N, H, W, 3) -> the generator's SDEdit of each on its prompt, uint8; noise seeded per batch start, so
     the i-th image of two calls with the same seed gets the same noise."""
+    from ..data.media import to_pixels
     from ..sampling import initial_noise, latents_to_uint8, sample_latents
 
     height, width = images.shape[1:3]
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc="sdedit", disable=not progress):
-        chunk = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        chunk = torch.stack([to_pixels(im) for im in images[start:start + batch_size]])
         with torch.no_grad():
             init = adapter.encode_pixels(chunk.to(adapter.device))
         g = torch.Generator().manual_seed(seed * 1_000_003 + start)
