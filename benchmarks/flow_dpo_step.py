@@ -208,6 +208,10 @@ GENALIGN_CPU_VARIANTS = {
     "genalign_ckpt": {"gradient_checkpointing": True},
     "genalign_compile": {"compile": "full"},
     "genalign_compile_ckpt": {"compile": "full", "gradient_checkpointing": True},
+    "genalign_ckpt_half": {"gradient_checkpointing": True, "checkpoint_share": 0.5},
+    "genalign_ckpt_sac": {"gradient_checkpointing": True, "checkpoint_policy": "save-matmuls"},
+    "genalign_compile_ckpt_sac": {"compile": "full", "gradient_checkpointing": True, "checkpoint_policy": "save-matmuls"},
+    "genalign_compile_ckpt_half": {"compile": "full", "gradient_checkpointing": True, "checkpoint_share": 0.5},
 }
 
 

@@ -268,6 +268,47 @@ def test_command_trains_saves_and_evaluates_on_world_pairs(world_pairs, tmp_path
     assert "objective" in capsys.readouterr().err
 
 
+def test_on_a_latent_cache_the_text_encoders_are_released_and_the_run_is_unchanged(world_pairs, tmp_path):
+    """`from_config` on a latent cache with the prompts' embeddings (train and eval) drops the generator's text
+    encoders (the model's text width comes from a cached item), and trains exactly as with them kept; a model
+    that reads no text releases them on pixel data too."""
+    from genalign.data import build_cache, load_cache, load_preference_pairs
+    from genalign.models import load_adapter
+    from genalign.world import resolve_model
+
+    model_path, extra, _ = resolve_model("world")
+    cache = str(tmp_path / "cache")
+    build_cache(load_adapter(model_path, **extra), load_preference_pairs(world_pairs, tie_policy="half"), cache,
+                resolution=32, progress=False)
+    common = [f"data={cache}", f"eval_data={cache}", "objective=pairs", "preload=false", "max_steps=3",
+              "batch_size=4", "hidden=8", "depth=1", "checkpoint_every=0", "log_every=1", "progress_bar=false",
+              "report_to=none", "num_threads=1"]
+    cfg = load_config(LatentRewardTrainConfig, recipe_path("latent_reward_world"),
+                      common + [f"output_dir={tmp_path / 'released'}"])
+    released = LatentRewardTrainer.from_config(cfg)
+    assert released.adapter.released_text_encoders and released.adapter.text_encoders() == []
+    assert released.model.conditioning == "cond"
+    released.train()
+    kept_adapter = load_adapter(model_path, **extra)
+    kept_cfg = load_config(LatentRewardTrainConfig, recipe_path("latent_reward_world"),
+                           common + [f"output_dir={tmp_path / 'kept'}"])
+    kept = LatentRewardTrainer(kept_adapter, kept_cfg, load_cache(cache, adapter=kept_adapter, resolution=32))
+    assert kept.model.config.cond_dim == released.model.config.cond_dim > 0  # the encoder's width, both ways
+    kept.train()
+    import json
+
+    def losses(run):
+        return [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in x]
+
+    assert len(losses("released")) == 3 and losses("released") == pytest.approx(losses("kept"), abs=1e-6)
+    untexted = LatentRewardTrainer.from_config(load_config(
+        LatentRewardTrainConfig, recipe_path("latent_reward_world"),
+        [f"data={world_pairs}", "conditioning=none", "max_steps=1", "batch_size=4", "hidden=8", "depth=1",
+         "progress_bar=false", "report_to=none", "num_threads=1", f"output_dir={tmp_path / 'none'}"]))
+    assert untexted.model.conditioning == "none" and untexted.adapter.text_encoders() == []
+
+
 @pytest.mark.parametrize("trunk", ["mlp", "transformer"])
 def test_other_trunks_train_with_the_prompt_encoding(trunk, adapter, tmp_path):
     items, targets = brightness_pairs(16, seed=6, with_targets=True)

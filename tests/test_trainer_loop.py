@@ -399,13 +399,29 @@ def test_cached_latents_give_the_same_loss_as_pixels(sd3_pipe, tmp_path):
 def test_training_on_a_cache_releases_the_text_encoders(tmp_path):
     """`from_config` on a latent cache (the CLI's path) drops the text encoders, T5 included, after the cache's
     model check; the run's losses equal those of a trainer that kept them; encode_prompt says why it cannot run."""
-    from genalign.data import build_cache, load_cache
+    from unittest import mock
+
+    import transformers
+
+    from genalign.data import CacheMismatchError, build_cache, load_cache
     from genalign.models import load_adapter, tiny
 
     tiny.tiny_sd3_pipeline(with_t5=True).save_pretrained(tmp_path / "model")
     model, cache = str(tmp_path / "model"), str(tmp_path / "cache")
     build_cache(load_adapter(model), separable_pairs(8), cache, resolution=32, progress=False)
-    released = FlowDPOTrainer.from_config(dpo_config(tmp_path, "released", model=model, data=cache, max_steps=3))
+    # They are never even loaded: built empty from their configs, checked against the cache from their files.
+    never = mock.patch.object(transformers.PreTrainedModel, "from_pretrained",
+                              side_effect=AssertionError("a text encoder was loaded"))
+    with never:
+        released = FlowDPOTrainer.from_config(dpo_config(tmp_path, "released", model=model, data=cache,
+                                                         max_steps=3))
+    # ... and the check still reads their weights: another T5 with the same config is refused.
+    other = load_adapter(model).pipe
+    with torch.no_grad():
+        other.text_encoder_3.shared.weight.mul_(-1)
+    other.save_pretrained(tmp_path / "other-t5")
+    with never, pytest.raises(CacheMismatchError, match="text encoder weights"):
+        FlowDPOTrainer.from_config(dpo_config(tmp_path, "other", model=str(tmp_path / "other-t5"), data=cache))
     names = ["text_encoder", "text_encoder_2", "text_encoder_3"]
     assert released.adapter.released_text_encoders == names
     assert all(getattr(released.adapter.pipe, n) is None for n in names) and released.adapter.text_encoders() == []
@@ -484,6 +500,42 @@ def test_flow_dpo_reference_model_and_gradient_checkpointing(sd3_pipe, tmp_path)
         t.train()
         after[gc] = weights(t)
     assert max_diff(after[False], after[True]) <= 1e-6
+
+
+@pytest.mark.parametrize("share,policy", [(0.5, "full"), (1.0, "save-matmuls")])
+def test_selective_checkpointing_recomputes_the_chosen_blocks_and_keeps_the_result(sd3_pipe, tmp_path, share, policy):
+    """checkpoint_share / checkpoint_policy: the chosen blocks (evenly spread) run their forward again in the
+    backward pass, the others do not; the trained weights equal an unchecked run's."""
+    from genalign.trainers.loop import checkpointable_blocks
+
+    def forwards_per_block(trainer):
+        blocks = checkpointable_blocks(trainer.adapter.denoiser)
+        calls = [0] * len(blocks)
+        hooks = [b.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+                 for i, b in enumerate(blocks)]
+        loss, _ = trainer.compute_loss(trainer.collate_fn(separable_pairs(4)))
+        loss.backward()
+        for h in hooks:
+            h.remove()
+        return calls
+
+    plain = FlowDPOTrainer(sd3_adapter(sd3_pipe), dpo_config(tmp_path, "plain", max_steps=2), separable_pairs(8))
+    chosen = FlowDPOTrainer(sd3_adapter(sd3_pipe), dpo_config(tmp_path, f"{share}-{policy}", max_steps=2,
+                                                             gradient_checkpointing=True, checkpoint_share=share,
+                                                             checkpoint_policy=policy), separable_pairs(8))
+    base, checked = forwards_per_block(plain), forwards_per_block(chosen)
+    n = len(base)
+    assert n >= 2 and set(base) == {2}  # the policy's forward and the reference's (the adapter-disabled network)
+    expected = [2 + (i % 2 == 1) for i in range(n)] if share == 0.5 else [3] * n
+    assert checked == expected
+    for t in (plain, chosen):
+        t.model.zero_grad(set_to_none=True)
+        t.train()
+    assert max_diff(weights(plain), weights(chosen)) <= 1e-6
+    with pytest.raises(ConfigError, match="checkpoint_share"):
+        dpo_config(tmp_path, "bad", checkpoint_share=0)
+    with pytest.raises(ConfigError, match="checkpoint_policy"):
+        dpo_config(tmp_path, "bad", checkpoint_policy="some")
 
 
 def test_bf16_keeps_the_lora_in_float32(sd3_pipe, tmp_path):

@@ -140,12 +140,13 @@ def _weights_sample(modules) -> list[float]:
     Compared with a tolerance (`weights_match`), so the same weights loaded in another precision still match,
     while another checkpoint with the same config (a fine-tuned VAE, say) does not.
     """
+    from ..models.base import first_and_last_parameters
+
     out: list[float] = []
     for m in modules:
         if not isinstance(m, torch.nn.Module):
             continue
-        params = list(m.parameters())
-        for p in params[:1] + params[-1:]:
+        for p in first_and_last_parameters(m):  # read from the files for text encoders built empty
             flat = p.detach().reshape(-1)
             step = max(1, flat.numel() // WEIGHT_SAMPLE_SIZE)
             out.extend(float(f"{v:.6g}") for v in flat[::step][:WEIGHT_SAMPLE_SIZE].float().cpu().tolist())
@@ -543,6 +544,17 @@ def _encode_all(
 
 
 # ------------------------------------------------------------------------------------------- reading
+def holds_prompt_embeddings(path: str | os.PathLike | None) -> bool:
+    """Whether `path` is a latent cache with every prompt's text encodings (training on it encodes no prompt)."""
+    manifest = Path(path) / "manifest.json" if path else None
+    if manifest is None or not manifest.is_file():
+        return False
+    try:
+        return bool(json.loads(manifest.read_text()).get("text_keys"))
+    except (OSError, ValueError):
+        return False  # load_cache reports the broken manifest
+
+
 def read_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():

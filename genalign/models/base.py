@@ -58,8 +58,15 @@ class FlowAdapter:
 
     # --------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, torch_dtype=None, device=None, **kwargs) -> FlowAdapter:
+    def from_pretrained(cls, path_or_id: str | os.PathLike, torch_dtype=None, device=None,
+                        text_encoders: str = "load", **kwargs) -> FlowAdapter:
         """Load a pipeline folder (or hub id) of this family and wrap it.
+
+        text_encoders: "load", or "empty": built from their configs on the meta device, no weights read (a local
+        folder only; a hub id loads them). For training on a latent cache, which holds every prompt's
+        embeddings: the cache's model check reads their configs and two tensors per encoder from the files
+        (`first_and_last_parameters`), then `release_text_encoders()` drops them. SD3.5's T5-XXL and two CLIPs
+        are 5.6 B parameters that would otherwise be read into host memory only to be dropped.
 
         Keyword arguments that the adapter's constructor takes (e.g. `max_sequence_length`, FLUX's `guidance`) go
         to it; the rest go to `DiffusionPipeline.from_pretrained`.
@@ -70,6 +77,10 @@ class FlowAdapter:
         adapter_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in own}
         check_family(path_or_id, cls)
         kwargs.setdefault("use_safetensors", True)
+        if text_encoders not in ("load", "empty"):
+            raise ValueError(f"text_encoders must be 'load' or 'empty', got {text_encoders!r}")
+        if text_encoders == "empty":
+            kwargs = {**empty_text_encoders(path_or_id), **kwargs}
         # Components saved as absent (e.g. SD3 without T5: "text_encoder_3": [null, null]) must be passed as
         # None explicitly, or diffusers refuses the folder.
         for name, entry in (read_model_index(path_or_id) or {}).items():
@@ -266,6 +277,79 @@ def validate_tokenizers(pipe) -> None:
                 f"{name} has only {len(tok)} tokens: it was probably not found (offline hub lookups return an "
                 "empty tokenizer). Point --model at a local folder that contains the tokenizer files."
             )
+
+
+def empty_text_encoders(folder: str | os.PathLike) -> dict[str, torch.nn.Module]:
+    """The pipeline folder's transformers text encoders, built from their configs on the meta device (no memory,
+    no weights read), each remembering its folder for `first_and_last_parameters`. {} for a hub id."""
+    import transformers
+
+    if not Path(folder).is_dir():
+        return {}
+    out = {}
+    for name in TEXT_ENCODER_NAMES:
+        entry = (read_model_index(folder) or {}).get(name)
+        if not (isinstance(entry, list) and entry[0] == "transformers" and (Path(folder) / name).is_dir()):
+            continue
+        config = transformers.AutoConfig.from_pretrained(Path(folder) / name)
+        with torch.device("meta"):
+            module = getattr(transformers, entry[1])(config)
+        module.requires_grad_(False)
+        module.genalign_weights_folder = str(Path(folder) / name)
+        out[name] = module
+    return out
+
+
+def first_and_last_parameters(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The module's first and last parameter (a sample that tells checkpoints with one config apart), read from its
+    safetensors files when it was built empty (`empty_text_encoders`)."""
+    named = list(module.named_parameters())
+    picked = named[:1] + named[-1:]
+    if not any(p.is_meta for _, p in picked):
+        return [p for _, p in picked]
+    folder = getattr(module, "genalign_weights_folder", None)
+    if folder is None:
+        raise ModelLoadError(f"{type(module).__name__} is on the meta device and has no weights folder to read")
+    return read_safetensors_tensors(folder, [n for n, _ in picked], aliases=tied_weight_aliases(module))
+
+
+def tied_weight_aliases(module: torch.nn.Module) -> dict[str, list[str]]:
+    """Parameter name -> the other names it is saved under (tied weights: T5's `shared.weight` is also
+    `encoder.embed_tokens.weight`, and a checkpoint may hold either)."""
+    tied = getattr(module, "_tied_weights_keys", None) or {}
+    aliases: dict[str, list[str]] = {}
+    for a, b in (tied.items() if isinstance(tied, dict) else []):
+        aliases.setdefault(a, []).append(b)
+        aliases.setdefault(b, []).append(a)
+    return aliases
+
+
+def read_safetensors_tensors(folder: str | os.PathLike, names: list[str],
+                             aliases: dict[str, list[str]] | None = None) -> list[torch.Tensor]:
+    """Named tensors from a transformers/diffusers weights folder (model.safetensors or a sharded index), reading
+    only those tensors."""
+    import json
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        where = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    elif (folder / "model.safetensors").is_file():
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            keys = f.keys()  # a safe_open handle is not iterable
+        where = {k: folder / "model.safetensors" for k in keys}
+    else:
+        raise ModelLoadError(f"{str(folder)!r} has no model.safetensors (or its index) to read weights from")
+    out = []
+    for name in names:
+        key = next((k for k in [name, *(aliases or {}).get(name, [])] if k in where), None)
+        if key is None:
+            raise ModelLoadError(f"{str(folder)!r}: no tensor {name!r} in its safetensors files")
+        with safe_open(where[key], "pt") as f:
+            out.append(f.get_tensor(key))
+    return out
 
 
 def read_model_index(path_or_id: str | os.PathLike) -> dict | None:

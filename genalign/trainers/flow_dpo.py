@@ -397,12 +397,15 @@ class FlowDPOTrainer(Trainer):
         model_path, extra, _ = resolve_model(config.model)
         if config.max_sequence_length:
             extra["max_sequence_length"] = config.max_sequence_length
-        adapter = load_adapter(model_path, **extra)
+        from ..data.cache import holds_prompt_embeddings
+
+        # On a cache with every prompt's embeddings the text encoders would only take memory (on the accelerator
+        # too, where prepare_model moves the pipeline): built empty, checked against the cache from their files,
+        # then released.
+        on_cache = holds_prompt_embeddings(config.data)
+        adapter = load_adapter(model_path, text_encoders="empty" if on_cache else "load", **extra)
         dataset = load_training_pairs(config.data, adapter, config)
         if getattr(dataset, "text_keys", None):
-            # The cache holds every prompt's embeddings: the text encoders would only take memory (on the
-            # accelerator too, where prepare_model moves the pipeline). Released after the cache's model check,
-            # which reads their configs and weights.
             freed = adapter.release_text_encoders()
             logger.info("training on the latent cache %s: text encoders released (%.1f M parameters)",
                         config.data, freed / 1e6)

@@ -423,8 +423,11 @@ def latent_shape_of(adapter, item, resolution: int | None, num_frames: int | Non
 
 
 # ------------------------------------------------------------------------------------------------ model
-def build_latent_reward_model(config: LatentRewardTrainConfig, adapter, latent_shape: Sequence[int]):
-    """The `LatentRewardModel` a config asks for, in `adapter`'s latent space (seeded with config.seed)."""
+def build_latent_reward_model(config: LatentRewardTrainConfig, adapter, latent_shape: Sequence[int],
+                              sample_cond: dict[str, torch.Tensor] | None = None):
+    """The `LatentRewardModel` a config asks for, in `adapter`'s latent space (seeded with config.seed).
+    `sample_cond`: one item's prompt encoding from a latent cache, read for its width instead of running the text
+    encoders (which may have been released)."""
     from ..guidance.latent_reward import LatentRewardConfig, LatentRewardModel, latent_space_id
 
     space = latent_space_id(adapter)
@@ -441,7 +444,7 @@ def build_latent_reward_model(config: LatentRewardTrainConfig, adapter, latent_s
                                                   hidden=config.hidden).float().train()
     cond_dim = 0
     if config.conditioning == "cond":
-        enc = adapter.encode_prompt([""])
+        enc = sample_cond if sample_cond is not None else adapter.encode_prompt([""])
         if config.cond_key not in enc:
             raise ConfigError(f"config key 'cond_key': the generator's prompt encoding has {sorted(enc)}, not "
                               f"{config.cond_key!r}")
@@ -450,6 +453,13 @@ def build_latent_reward_model(config: LatentRewardTrainConfig, adapter, latent_s
                              trunk=config.trunk, hidden=config.hidden, depth=config.depth, time_dim=config.time_dim,
                              cond_key=config.cond_key if cond_dim else None, cond_dim=cond_dim)
     return LatentRewardModel(cfg).train()
+
+
+def build_model_for(config: LatentRewardTrainConfig, adapter, dataset: LatentRewardPairs):
+    """The config's model at the dataset's latent shape (its text width from a cached item when there is one)."""
+    item = _item_dict(dataset[0])
+    return build_latent_reward_model(config, adapter, latent_shape_of(adapter, item, config.resolution,
+                                                                      config.num_frames), item.get("cond"))
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -478,8 +488,7 @@ class LatentRewardTrainer(Trainer):
             raise ConfigError("config key 'data': no usable pairs")
         self.adapter = adapter
         if model is None:
-            model = build_latent_reward_model(config, adapter,
-                                              latent_shape_of(adapter, dataset[0], config.resolution, config.num_frames))
+            model = build_model_for(config, adapter, dataset)
         if tuple(model.dims) != tuple(config.dims):
             raise ConfigError(f"the model's dims {list(model.dims)} differ from config dims {list(config.dims)}")
         self.eval_dataset = eval_dataset
@@ -586,7 +595,12 @@ class LatentRewardTrainer(Trainer):
         model_path, extra, _ = resolve_model(config.model)
         if config.max_sequence_length:
             extra["max_sequence_length"] = config.max_sequence_length
-        adapter = load_adapter(model_path, **extra)
+        from ..data.cache import holds_prompt_embeddings
+
+        # Every prompt's encoding in caches (not re-encoded by preload): the text encoders are built empty and
+        # never read (see FlowDPOTrainer.from_config); released below once the caches are checked.
+        cached = not config.preload and all(holds_prompt_embeddings(d) for d in (config.data, config.eval_data) if d)
+        adapter = load_adapter(model_path, text_encoders="empty" if cached else "load", **extra)
         adapter.denoiser.requires_grad_(False)
         base = load_pairs(config.data, adapter, config)
         if config.preload:
@@ -601,7 +615,13 @@ class LatentRewardTrainer(Trainer):
         eval_dataset = None
         if config.eval_data:
             eval_dataset = load_pairs(config.eval_data, adapter, config, tie_policy="half")
-        trainer = cls(adapter, config, dataset, eval_dataset=eval_dataset)
+        model = build_model_for(config, adapter, dataset)
+        if model.conditioning != "cond" or all(getattr(d, "text_keys", None) for d in (base, eval_dataset) if d):
+            # No prompt will be encoded (every prompt's embedding is in the cache, or the model reads no text): the
+            # text encoders would only take memory, on the accelerator too (SD3.5's: 10 GiB in bf16).
+            freed = adapter.release_text_encoders()
+            logger.info("the generator's text encoders are not needed: released (%.1f M parameters)", freed / 1e6)
+        trainer = cls(adapter, config, dataset, model=model, eval_dataset=eval_dataset)
         if targets is not None:
             trainer.model.config.extra["distill_targets"] = {"source": source, "normalization": stats}
         trainer.model.config.extra["training"]["data"] = str(config.data)
