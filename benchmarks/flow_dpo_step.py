@@ -55,6 +55,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
+import functools
 import json
 import os
 import resource
@@ -62,6 +64,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -177,6 +180,61 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def heap_in_use_mb() -> float | None:
+    """Bytes malloc has handed out and not had back (glibc's mallinfo2: in-use chunks of every arena plus mmapped
+    blocks): the process's live memory, where the resident size also holds what glibc keeps after frees (on this
+    workload the resident peak was about twice the live one). None off glibc."""
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
+        return None
+    info = mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20
+
+
+@functools.cache
+def _mallinfo2():
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    return mallinfo2
+
+
+def live_peak(sampled: HeapPeak, baseline: float | None) -> float | None:
+    return None if sampled.peak is None or baseline is None else sampled.peak - baseline
+
+
+class HeapPeak:
+    """The peak of `heap_in_use_mb` while the block runs, sampled every 2 ms by a thread (torch's kernels
+    release the GIL; the peak of a training step lasts from the end of the forward into the backward, far longer
+    than a sample). The CPU's analogue of torch.cuda.max_memory_allocated: it includes the compiler's buffers."""
+
+    def __enter__(self):
+        self.peak = heap_in_use_mb()
+        self._stop = threading.Event()
+        if self.peak is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, heap_in_use_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.peak is not None:
+            self._thread.join()
+            self.peak = max(self.peak, heap_in_use_mb())
+
+
 # ------------------------------------------------------------------------------------------- variants (CPU)
 # Memory, both ways alike: the peak resident memory during the training steps, above the process before the
 # model was loaded (its ~1 GB of libraries is the same in both). It counts what each way keeps resident while it
@@ -209,9 +267,8 @@ GENALIGN_CPU_VARIANTS = {
     "genalign_compile": {"compile": "full"},
     "genalign_compile_ckpt": {"compile": "full", "gradient_checkpointing": True},
     "genalign_ckpt_half": {"gradient_checkpointing": True, "checkpoint_share": 0.5},
-    "genalign_ckpt_sac": {"gradient_checkpointing": True, "checkpoint_policy": "save-matmuls"},
-    "genalign_compile_ckpt_sac": {"compile": "full", "gradient_checkpointing": True, "checkpoint_policy": "save-matmuls"},
     "genalign_compile_ckpt_half": {"compile": "full", "gradient_checkpointing": True, "checkpoint_share": 0.5},
+    "genalign_compile_ckpt_third": {"compile": "full", "gradient_checkpointing": True, "checkpoint_share": 1 / 3},
 }
 
 
@@ -234,9 +291,9 @@ def run_genalign(model_dir: str, px: int, max_sequence_length: int, pairs: int, 
     subprocess.run([sys.executable, "-c", code], check=True)
     cache_s = time.perf_counter() - t0
     preload_libraries()
-    baseline = rss_mb()
+    baseline, baseline_live = rss_mb(), heap_in_use_mb()
     # as `genalign train flow-dpo` on a cache does (FlowDPOTrainer.from_config)
-    adapter = load_adapter(model_dir, max_sequence_length=max_sequence_length)
+    adapter = load_adapter(model_dir, max_sequence_length=max_sequence_length, text_encoders="empty")
     dataset = load_cache(tmp / "cache", adapter=adapter, resolution=px)
     adapter.release_text_encoders()
     cfg = FlowDPOConfig(output_dir=str(tmp / "run"), max_steps=steps, batch_size=pairs, lr=1e-4, log_every=1,
@@ -244,7 +301,8 @@ def run_genalign(model_dir: str, px: int, max_sequence_length: int, pairs: int, 
                         lora_rank=16, seed=0, resolution=px, **options)
     trainer = FlowDPOTrainer(adapter, cfg, dataset)
     peak_reset = reset_peak_rss()
-    trainer.train()
+    with HeapPeak() as live:
+        trainer.train()
     peak = peak_rss_mb() - baseline
     records = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     elapsed = {r["step"]: r["elapsed_s"] for r in records}
@@ -255,7 +313,7 @@ def run_genalign(model_dir: str, px: int, max_sequence_length: int, pairs: int, 
         loss, _ = trainer.compute_loss(batch)
         loss.backward()
     return {"step_s": step_s, "cache_build_s": cache_s, "peak_mb": peak, "peak_reset": peak_reset,
-            "gflop_per_step": counter.get_total_flops() / 1e9}
+            "live_peak_mb": live_peak(live, baseline_live), "gflop_per_step": counter.get_total_flops() / 1e9}
 
 
 def run_peer(model_dir: str, px: int, max_sequence_length: int, pairs: int, steps: int, warmup: int,
@@ -269,7 +327,7 @@ def run_peer(model_dir: str, px: int, max_sequence_length: int, pairs: int, step
 
     torch.set_num_threads(threads)
     preload_libraries()
-    baseline = rss_mb()
+    baseline, baseline_live = rss_mb(), heap_in_use_mb()
     absent = {k: None for k, v in read_model_index(model_dir).items() if v == [None, None]}  # the world's: no T5
     pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, **absent)
     transformer = pipe.transformer
@@ -312,15 +370,16 @@ def run_peer(model_dir: str, px: int, max_sequence_length: int, pairs: int, step
 
     peak_reset = reset_peak_rss()
     times = []
-    for step in range(steps):
-        t0 = time.perf_counter()
-        one_step(step)
-        times.append(time.perf_counter() - t0)
+    with HeapPeak() as live:
+        for step in range(steps):
+            t0 = time.perf_counter()
+            one_step(step)
+            times.append(time.perf_counter() - t0)
     peak = peak_rss_mb() - baseline
     with cpu_flop_counter() as counter:
         one_step(steps)
     return {"step_s": float(np.mean(times[warmup:])), "peak_mb": peak, "peak_reset": peak_reset,
-            "gflop_per_step": counter.get_total_flops() / 1e9}
+            "live_peak_mb": live_peak(live, baseline_live), "gflop_per_step": counter.get_total_flops() / 1e9}
 
 
 # ------------------------------------------------------------------------------------------- at scale (GPU / --tiny)
@@ -764,6 +823,10 @@ def cpu_main(args) -> None:
         # per genalign variant: peer's step time / its step time, its peak memory / peer's
         "speedup": {v: p["step_s"] / results[v]["step_s"] for v in names[1:]},
         "memory_ratio": {v: results[v]["peak_mb"] / p["peak_mb"] for v in names[1:]},
+        # the same on live memory (malloc's bytes in use, without what glibc keeps after frees); None off glibc
+        "live_memory_ratio": {v: (results[v]["live_peak_mb"] / p["live_peak_mb"]
+                                  if results[v].get("live_peak_mb") and p.get("live_peak_mb") else None)
+                              for v in names[1:]},
         # On a compute-bound CPU an eager step cannot get faster than its share of the arithmetic: this is the
         # bound on the eager `speedup` that batching and the cache alone can reach.
         "arithmetic_ratio": p["gflop_per_step"] / results["genalign"]["gflop_per_step"],
@@ -772,14 +835,20 @@ def cpu_main(args) -> None:
 
     write_json(output_path(args.out, f"flow_dpo_step_cpu_{args.model}.json"), summary)
     print(f"\nFlow-DPO step on the CPU, model {args.model} at {summary['px']} px, {args.pairs} pairs, {args.threads} "
-          "thread(s); memory = peak RSS during training above the process before the model was loaded (a compiled "
-          "variant's includes the compiler)")
-    print(f"{'variant':22s} {'s/step':>8s} {'pairs/s':>8s} {'peak MB':>8s} {'GFLOP':>8s} {'speedup':>8s} {'memory':>7s}")
+          "thread(s); memory above the process before the model was loaded, during training: peak RSS and peak live "
+          "heap (malloc's bytes in use; a compiled variant's include the compiler)")
+    print(f"{'variant':26s} {'s/step':>7s} {'pairs/s':>7s} {'RSS MB':>7s} {'live MB':>7s} {'GFLOP':>7s} "
+          f"{'speedup':>7s} {'RSS':>6s} {'live':>6s}")
+
+    def fmt(x, spec):
+        return format(x, spec) if x is not None else "-".rjust(int(spec.split(".")[0]))
+
     for name in names:
         r = results[name]
-        ratios = (f"{summary['speedup'][name]:7.2f}x {summary['memory_ratio'][name]:6.2f}x" if name != "peer" else "")
-        print(f"{name:22s} {r['step_s']:8.3f} {args.pairs / r['step_s']:8.1f} {r['peak_mb']:8.0f} "
-              f"{r['gflop_per_step']:8.2f} {ratios}")
+        ratios = "" if name == "peer" else (f"{summary['speedup'][name]:6.2f}x {summary['memory_ratio'][name]:5.2f}x "
+                                            f"{fmt(summary['live_memory_ratio'][name], '5.2f')}x")
+        print(f"{name:26s} {r['step_s']:7.3f} {args.pairs / r['step_s']:7.1f} {r['peak_mb']:7.0f} "
+              f"{fmt(r.get('live_peak_mb'), '7.0f')} {r['gflop_per_step']:7.2f} {ratios}")
     print(f"targets: speedup >= 1.5x, memory <= 0.7x the peer's; the peer does {summary['arithmetic_ratio']:.2f}x "
           "genalign's arithmetic (at SD3.5-medium's real size: 1.31x at 512 px, 1.16x at 1024; --count-real-size)")
 

@@ -7,9 +7,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +43,29 @@ def test_flow_dpo_step_tiny_runs_the_at_scale_path_and_reports_flops_and_timings
     assert len({r["flops_per_step"] for r in report["results"]}) == 1
 
 
+def import_benchmark(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_live_heap_peak_sees_a_short_lived_allocation_and_its_release():
+    """The CPU benchmark's live memory (glibc's bytes in use, sampled by a thread): a 256 MB tensor held for a
+    moment raises the peak by its size; freed, the bytes in use fall back (where the resident size need not)."""
+    bench = import_benchmark("flow_dpo_step")
+    if bench.heap_in_use_mb() is None:
+        pytest.skip("not glibc: no mallinfo2")
+    before = bench.heap_in_use_mb()
+    with bench.HeapPeak() as live:
+        x = torch.ones(64, 2**20)  # 256 MiB
+        time.sleep(0.05)
+        del x
+    assert live.peak - before == pytest.approx(256, abs=16)
+    assert bench.heap_in_use_mb() - before < 16
+
+
 def test_flow_dpo_step_cpu_on_sd35m_proportions_and_the_meta_count_agrees_with_the_trainer(tmp_path):
     """The CPU mode on the proportioned SD3 (T5 + two CLIPs + a 4-level VAE): both ways train and report; the
     FLOPs counted on the real trainer's step and on the peer's equal the meta-device count of the same configs
@@ -52,11 +77,8 @@ def test_flow_dpo_step_cpu_on_sd35m_proportions_and_the_meta_count_agrees_with_t
     for r in report["results"].values():
         assert r["step_s"] > 0 and r["peak_mb"] > 0
         assert r["peak_reset"] or not sys.platform.startswith("linux")  # the peak is that of training, not loading
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import flow_dpo_step as bench
-    finally:
-        sys.path.pop(0)
+        assert r["live_peak_mb"] is None or 0 < r["live_peak_mb"] <= r["peak_mb"] * 1.5
+    bench = import_benchmark("flow_dpo_step")
     count = bench.count_two_ways(bench.PROPORTIONED_TRANSFORMER, bench.PROPORTIONED_T5, 64, bench.PROPORTIONED_CLIPS,
                                  16, bench.PROPORTIONED_VAE, pairs=1, resolutions=(256,))["resolutions"][256]
     measured = report["results"]

@@ -502,11 +502,14 @@ def test_flow_dpo_reference_model_and_gradient_checkpointing(sd3_pipe, tmp_path)
     assert max_diff(after[False], after[True]) <= 1e-6
 
 
-@pytest.mark.parametrize("share,policy", [(0.5, "full"), (1.0, "save-matmuls")])
-def test_selective_checkpointing_recomputes_the_chosen_blocks_and_keeps_the_result(sd3_pipe, tmp_path, share, policy):
-    """checkpoint_share / checkpoint_policy: the chosen blocks (evenly spread) run their forward again in the
-    backward pass, the others do not; the trained weights equal an unchecked run's."""
-    from genalign.trainers.loop import checkpointable_blocks
+@pytest.mark.parametrize("share", [0.5, 1 / 3])
+def test_checkpointing_a_share_of_the_blocks_recomputes_those_and_keeps_the_result(sd3_pipe, tmp_path, share):
+    """checkpoint_share: the chosen blocks (evenly spread) run their forward again in the backward pass, the
+    others do not; the trained weights equal an unchecked run's."""
+    from genalign.trainers.loop import checkpointable_blocks, evenly_spread
+
+    assert evenly_spread(6, 0.5) == [1, 3, 5] and evenly_spread(6, 1 / 3) == [2, 5] and evenly_spread(24, 0.25) == [
+        3, 7, 11, 15, 19, 23] and evenly_spread(2, 0.1) == [1] and evenly_spread(5, 1.0) == [0, 1, 2, 3, 4]
 
     def forwards_per_block(trainer):
         blocks = checkpointable_blocks(trainer.adapter.denoiser)
@@ -520,22 +523,20 @@ def test_selective_checkpointing_recomputes_the_chosen_blocks_and_keeps_the_resu
         return calls
 
     plain = FlowDPOTrainer(sd3_adapter(sd3_pipe), dpo_config(tmp_path, "plain", max_steps=2), separable_pairs(8))
-    chosen = FlowDPOTrainer(sd3_adapter(sd3_pipe), dpo_config(tmp_path, f"{share}-{policy}", max_steps=2,
-                                                             gradient_checkpointing=True, checkpoint_share=share,
-                                                             checkpoint_policy=policy), separable_pairs(8))
+    chosen = FlowDPOTrainer(sd3_adapter(sd3_pipe), dpo_config(tmp_path, f"share-{share:.2f}", max_steps=2,
+                                                             gradient_checkpointing=True, checkpoint_share=share),
+                            separable_pairs(8))
     base, checked = forwards_per_block(plain), forwards_per_block(chosen)
     n = len(base)
     assert n >= 2 and set(base) == {2}  # the policy's forward and the reference's (the adapter-disabled network)
-    expected = [2 + (i % 2 == 1) for i in range(n)] if share == 0.5 else [3] * n
-    assert checked == expected
+    assert checked == [2 + (i in evenly_spread(n, share)) for i in range(n)] and 2 < max(checked) and min(checked) == 2
     for t in (plain, chosen):
         t.model.zero_grad(set_to_none=True)
         t.train()
     assert max_diff(weights(plain), weights(chosen)) <= 1e-6
-    with pytest.raises(ConfigError, match="checkpoint_share"):
-        dpo_config(tmp_path, "bad", checkpoint_share=0)
-    with pytest.raises(ConfigError, match="checkpoint_policy"):
-        dpo_config(tmp_path, "bad", checkpoint_policy="some")
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match="checkpoint_share"):
+            dpo_config(tmp_path, "bad", checkpoint_share=bad)
 
 
 def test_bf16_keeps_the_lora_in_float32(sd3_pipe, tmp_path):

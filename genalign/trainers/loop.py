@@ -84,10 +84,6 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, slower)")
     checkpoint_share: float = option(1.0, "with gradient_checkpointing: the share of the network's blocks "
                                           "checkpointed, evenly spread (1: all; 0.5: every other block)")
-    checkpoint_policy: str = option("full", "with gradient_checkpointing: full (recompute each checkpointed block "
-                                            "whole) | save-matmuls (keep matmul, convolution and attention outputs; "
-                                            "recompute only norms, activations and modulation: less saved, little "
-                                            "recomputed)")
     attention_backend: str = option("sdpa", "sdpa (PyTorch, default) | xformers (used only if it loads; else SDPA with a warning)")
     compile: str = option("no", "torch.compile the trained network: no | blocks (each transformer block; compiles "
                                 "once per block kind) | full (the whole network: the fastest measured at 512 px)")
@@ -129,8 +125,6 @@ class TrainConfig:
             bad("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         if not 0 < self.checkpoint_share <= 1:
             bad("checkpoint_share", f"must be in (0, 1], got {self.checkpoint_share}")
-        if self.checkpoint_policy not in CHECKPOINT_POLICIES:
-            bad("checkpoint_policy", f"must be one of {', '.join(CHECKPOINT_POLICIES)}, got {self.checkpoint_policy!r}")
         if self.max_nonfinite_in_a_row < 1:
             bad("max_nonfinite_in_a_row", f"must be >= 1, got {self.max_nonfinite_in_a_row}")
         trackers_from_config(self.report_to, check_installed=False)
@@ -328,9 +322,6 @@ def eval_mode(module: torch.nn.Module):
         module.train(was_training)
 
 
-CHECKPOINT_POLICIES = ("full", "save-matmuls")
-
-
 def checkpointable_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The blocks a diffusers model hands to its checkpointing function, in forward order: the members of the
     ModuleLists of each submodule that has a `gradient_checkpointing` switch (SD3/FLUX/Wan transformer blocks, a
@@ -340,54 +331,32 @@ def checkpointable_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def evenly_spread(n: int, share: float) -> list[int]:
-    """round(n * share) of range(n), evenly spread, the last one always included (share 0.5: 1, 3, 5, ...)."""
-    return [i for i in range(n) if math.floor((i + 1) * share + 1e-9) > math.floor(i * share + 1e-9)]
+    """round(n * share) of range(n) (at least one), evenly spread and ending with the last: share 0.5 of 6 is
+    [1, 3, 5], share 1/3 of 6 is [2, 5]."""
+    k = min(n, max(1, round(n * share)))
+    return [i for i in range(n) if (i + 1) * k // n > i * k // n]
 
 
-def _save_matmuls_policy(ctx, op, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _saved_ops() -> set:
-    aten = torch.ops.aten
-    names = ("mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_dot_product_flash_attention",
-             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-             "_scaled_dot_product_flash_attention_for_cpu")
-    return {getattr(aten, n).default for n in names if hasattr(aten, n)}
-
-
-_SAVED_OPS = _saved_ops()
-
-
-def enable_gradient_checkpointing(model: torch.nn.Module, share: float = 1.0, policy: str = "full") -> None:
-    """Activation checkpointing: `share` of the blocks (evenly spread) are recomputed in the backward pass, whole
-    (policy "full") or only their cheap elementwise ops (policy "save-matmuls", PyTorch's selective activation
-    checkpointing: the matmul and attention outputs are kept, so almost no arithmetic is repeated)."""
-    import functools
-
-    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+def enable_gradient_checkpointing(model: torch.nn.Module, share: float = 1.0) -> None:
+    """Activation checkpointing of `share` of the model's blocks, evenly spread: those are recomputed in the
+    backward pass, the others keep their activations (memory and time in between all and none)."""
+    from torch.utils.checkpoint import checkpoint
 
     if hasattr(model, "enable_gradient_checkpointing"):  # diffusers ModelMixin
-        kwargs = {"use_reentrant": False}
-        if policy == "save-matmuls":
-            kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _save_matmuls_policy)
         blocks = checkpointable_blocks(model)
-        chosen = set(evenly_spread(len(blocks), share)) if blocks else set()
+        chosen = set(evenly_spread(len(blocks), share))
         for i, block in enumerate(blocks):
             block._genalign_checkpointed = i in chosen  # read by the function below, on every call
 
         def checkpoint_block(block, *args):
             if getattr(block, "_genalign_checkpointed", True):
-                return checkpoint(block.__call__, *args, **kwargs)
+                return checkpoint(block.__call__, *args, use_reentrant=False)
             return block(*args)
 
         model.enable_gradient_checkpointing(checkpoint_block)
     elif hasattr(model, "gradient_checkpointing_enable"):  # transformers PreTrainedModel
-        if share != 1.0 or policy != "full":
-            raise ConfigError(f"config keys 'checkpoint_share' / 'checkpoint_policy': only for diffusers models, "
-                              f"not {type(model).__name__}")
+        if share != 1.0:
+            raise ConfigError(f"config key 'checkpoint_share': only for diffusers models, not {type(model).__name__}")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         raise ConfigError(f"config key 'gradient_checkpointing': {type(model).__name__} does not support it")
@@ -504,7 +473,7 @@ class Trainer:
         set_seed(config.seed)  # before prepare_model: adapter initialisation is seeded
         self.prepare_model()
         if config.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model, config.checkpoint_share, config.checkpoint_policy)
+            enable_gradient_checkpointing(self.model, config.checkpoint_share)
         self.attention_backend = configure_attention(self.model, config.attention_backend)
 
         self.named_trainable = self.trainable_parameters()
