@@ -600,6 +600,34 @@ def test_lora_disabled_switches_off_adapters_added_after_its_first_use(sd3_pipe)
     assert (velocity_probe(adapter) - base).abs().max() > 1e-2
 
 
+def test_compile_memory_budget_keeps_fewer_activations_and_gives_the_same_gradients(sd3_pipe, tmp_path):
+    """compile_memory_budget < 1: the compiled step saves fewer bytes for its backward (torch.compile recomputes
+    instead) and computes the same loss and gradients as the default budget."""
+    results = {}
+    for budget in (1.0, 0.1):
+        torch._dynamo.reset()
+        cfg = dpo_config(tmp_path, f"budget-{budget}", compile="full", compile_memory_budget=budget)
+        trainer = FlowDPOTrainer(sd3_adapter(sd3_pipe), cfg, separable_pairs(8))
+        saved = {}
+
+        def pack(t, saved=saved):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = trainer.compute_loss(trainer.collate_fn(separable_pairs(8)))
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for _, p in trainer.named_trainable])
+        results[budget] = (sum(saved.values()), loss.item(), grads)
+    (kept_default, loss_default, g_default), (kept_low, loss_low, g_low) = results[1.0], results[0.1]
+    assert kept_low < 0.8 * kept_default, (kept_low, kept_default)
+    assert loss_low == pytest.approx(loss_default, abs=1e-6)
+    assert (g_low - g_default).abs().max().item() < 1e-5 and g_default.abs().max().item() > 1e-4
+    torch._functorch.config.activation_memory_budget = 1.0  # process-wide: leave it as found
+    with pytest.raises(ConfigError, match="compile_memory_budget"):
+        dpo_config(tmp_path, compile_memory_budget=1.5)
+
+
 @pytest.mark.parametrize("how", ["blocks", "full"])
 def test_compiled_training_matches_eager_and_saves_the_same_lora_names(sd3_pipe, tmp_path, how):
     """compile=blocks / full trains the same numbers as eager (to float round-off: inductor fuses differently)

@@ -87,6 +87,9 @@ class TrainConfig:
     attention_backend: str = option("sdpa", "sdpa (PyTorch, default) | xformers (used only if it loads; else SDPA with a warning)")
     compile: str = option("no", "torch.compile the trained network: no | blocks (each transformer block; compiles "
                                 "once per block kind) | full (the whole network: the fastest measured at 512 px)")
+    compile_memory_budget: float = option(1.0, "with compile: the share of the activation memory the compiled "
+                                               "backward may keep (below 1, torch.compile recomputes the ops that "
+                                               "are cheapest to redo until it fits; 1: its default choice)")
     checkpoint_every: int = option(500, "write a checkpoint every N steps (and at the end); 0: only at the end")
     keep_checkpoints: int = option(3, "keep the newest N checkpoints (0: keep all)")
     log_every: int = option(10, "append to metrics.jsonl and the trackers every N steps")
@@ -123,6 +126,8 @@ class TrainConfig:
             bad("compile", f"must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if not 0 <= self.ema_decay < 1:
             bad("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.compile_memory_budget <= 1:
+            bad("compile_memory_budget", f"must be in [0, 1], got {self.compile_memory_budget}")
         if not 0 < self.checkpoint_share <= 1:
             bad("checkpoint_share", f"must be in (0, 1], got {self.checkpoint_share}")
         if self.max_nonfinite_in_a_row < 1:
@@ -365,7 +370,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module, share: float = 1.0) ->
 COMPILE_MODES = ("no", "blocks", "full")
 
 
-def compile_model(model: torch.nn.Module, how: str) -> None:
+def compile_model(model: torch.nn.Module, how: str, memory_budget: float = 1.0) -> None:
     """torch.compile (default mode), in place: parameter names and checkpoints stay as they were.
 
     "full": the whole network. On an H200, an SD3.5-medium-sized Flow-DPO LoRA step with 2 pairs at 512 px took
@@ -374,12 +379,15 @@ def compile_model(model: torch.nn.Module, how: str) -> None:
     network's `*blocks` / `layers` lists (regional compilation: identical blocks share their code, so compile
     time is that of the distinct block kinds: 44-54 s vs 177 s whole at that size)."""
     import torch._dynamo
+    import torch._functorch.config
 
     if how == "no":
         return
     # one static graph per shape (a dynamic-shape recompile is slower), and room for the shapes of eval batches
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.automatic_dynamic_shapes = False
+    # Read when the joint forward/backward graph is partitioned (the first step), process-wide.
+    torch._functorch.config.activation_memory_budget = memory_budget
     if how == "full":
         model.compile()
         return
@@ -484,7 +492,7 @@ class Trainer:
                 if p.dtype != torch.float32:
                     p.data = p.data.float()
         self.params = [p for _, p in self.named_trainable]
-        compile_model(self.model, config.compile)
+        compile_model(self.model, config.compile, config.compile_memory_budget)
 
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
