@@ -409,6 +409,8 @@ VARIANTS = {
     "compile": {"compile": "blocks"},
     "compile_ckpt": {"compile": "blocks", "ckpt": True},
     "compile_full": {"compile": "full"},
+    "ckpt_half": {"ckpt": True, "share": 0.5},  # checkpoint_share=0.5: every other block
+    "compile_full_budget50": {"compile": "full", "budget": 0.5},  # compile_memory_budget=0.5
 }
 # run in this order (cheap and certain first: a run cut short by a timeout still has the baselines)
 QUICK_PLAN = [("eager", 512), ("eager", 1024), ("ckpt", 1024), ("raw", 512), ("compile", 512), ("compile", 1024)]
@@ -488,8 +490,8 @@ def run_scale_variant(name: str, px: int, cfg: dict, args, device, tokens: int, 
     data = synthetic_cache(4 * args.pairs, latent_shape, tokens, cfg, seed=args.seed)
     config = FlowDPOConfig(output_dir=tempfile.mkdtemp(prefix="flow-dpo-bench-"), max_steps=10**6,
                            batch_size=args.pairs, lr=1e-4, lora_rank=16, mixed_precision="bf16",
-                           gradient_checkpointing=bool(spec.get("ckpt")), report_to="none", progress_bar=False,
-                           checkpoint_every=0, log_every=10**6, seed=args.seed)
+                           gradient_checkpointing=bool(spec.get("ckpt")), checkpoint_share=spec.get("share", 1.0),
+                           report_to="none", progress_bar=False, checkpoint_every=0, log_every=10**6, seed=args.seed)
     trainer = FlowDPOTrainer(adapter, config, data)
     build_s = time.perf_counter() - t0
     batches = trainer._batch_stream(0)
@@ -531,13 +533,15 @@ def run_scale_variant(name: str, px: int, cfg: dict, args, device, tokens: int, 
         from torch._dynamo.utils import counters
 
         counters.clear()
-        compile_model(adapter.denoiser, spec["compile"])  # what the trainer's compile= does, after the FLOP count
+        # what the trainer's compile= does, after the FLOP count
+        compile_model(adapter.denoiser, spec["compile"], spec.get("budget", 1.0))
     common = {
         "px": px, "pairs": args.pairs, "latent_shape": list(latent_shape), "flops_per_step": flops,
         "flops_note": flops_note, "flops_by_op": flops_cache[px]["by_op"], "build_s": round(build_s, 2),
         "transformer_params": sum(p.numel() for p in adapter.denoiser.parameters()),
         "lora_params": sum(p.numel() for _, p in trainer.named_trainable),
-        "gradient_checkpointing": bool(spec.get("ckpt")), "compile": spec.get("compile"),
+        "gradient_checkpointing": bool(spec.get("ckpt")), "checkpoint_share": spec.get("share", 1.0),
+        "compile": spec.get("compile"), "compile_memory_budget": spec.get("budget", 1.0),
     }
 
     def row(variant: str, m: dict, compiled_now: bool) -> dict:
