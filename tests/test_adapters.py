@@ -360,6 +360,21 @@ def test_load_adapter_picks_the_family_from_model_index(name, saved_folders):
     assert maxdiff(velocity_probe(adapter, fam), probes[name]) < 1e-6
 
 
+@pytest.mark.parametrize("name", FOLDER_FAMILIES)
+def test_text_encoders_built_empty_give_the_same_model_fingerprint(name, saved_folders):
+    """text_encoders="empty" (training on a latent cache): the encoders are meta-device shells, never loaded, yet
+    the cache's model fingerprint (their configs, and two tensors each read from the files) is the loaded one's."""
+    from genalign.data.cache import model_fingerprint
+
+    folders, _ = saved_folders
+    fam = FAMILIES[name]
+    loaded = load_adapter(folders[name], **fam.adapter_kw)
+    empty = load_adapter(folders[name], text_encoders="empty", **fam.adapter_kw)
+    assert empty.text_encoders() and all(p.is_meta for m in empty.text_encoders() for p in m.parameters())
+    assert model_fingerprint(empty) == model_fingerprint(loaded)
+    assert empty.release_text_encoders() == sum(p.numel() for m in loaded.text_encoders() for p in m.parameters())
+
+
 def test_wrong_family_folder_is_refused_with_its_name(saved_folders):
     folders, _ = saved_folders
     for cls in (SD3Adapter, FluxAdapter, WanAdapter, UNetAdapter):

@@ -287,8 +287,9 @@ def empty_text_encoders(folder: str | os.PathLike) -> dict[str, torch.nn.Module]
     if not Path(folder).is_dir():
         return {}
     out = {}
+    index = read_model_index(folder) or {}
     for name in TEXT_ENCODER_NAMES:
-        entry = (read_model_index(folder) or {}).get(name)
+        entry = index.get(name)
         if not (isinstance(entry, list) and entry[0] == "transformers" and (Path(folder) / name).is_dir()):
             continue
         config = transformers.AutoConfig.from_pretrained(Path(folder) / name)
