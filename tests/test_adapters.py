@@ -372,6 +372,8 @@ def test_text_encoders_built_empty_give_the_same_model_fingerprint(name, saved_f
     empty = load_adapter(folders[name], text_encoders="empty", **fam.adapter_kw)
     assert empty.text_encoders() and all(p.is_meta for m in empty.text_encoders() for p in m.parameters())
     assert model_fingerprint(empty) == model_fingerprint(loaded)
+    with pytest.raises(RuntimeError, match="built empty"):
+        empty.encode_prompt(["red circle"])
     assert empty.release_text_encoders() == sum(p.numel() for m in loaded.text_encoders() for p in m.parameters())
 
 

@@ -147,6 +147,11 @@ class FlowAdapter:
                 f"this {self.family} adapter's text encoders ({', '.join(self.released_text_encoders)}) were released "
                 "to save memory while training on a latent cache; load the model again to encode new prompts"
             )
+        empty = [type(m).__name__ for m in self.text_encoders() if any(p.is_meta for p in m.parameters())]
+        if empty:
+            raise RuntimeError(f"this {self.family} adapter's text encoders ({', '.join(empty)}) were built empty "
+                               "(text_encoders='empty', for training on a latent cache); load the model with "
+                               "text_encoders='load' to encode prompts")
         return self._encode_prompt(prompts)
 
     def _encode_prompt(self, prompts: list[str]) -> Cond:
