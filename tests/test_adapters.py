@@ -377,6 +377,41 @@ def test_text_encoders_built_empty_give_the_same_model_fingerprint(name, saved_f
     assert empty.release_text_encoders() == sum(p.numel() for m in loaded.text_encoders() for p in m.parameters())
 
 
+def test_weights_are_read_from_sharded_files_and_under_a_tied_alias(tmp_path):
+    """`first_and_last_parameters` of an empty encoder reads a sharded checkpoint (model.safetensors.index.json),
+    and a tied weight saved under its other name (T5's shared / encoder.embed_tokens); a missing one is named."""
+    from safetensors.torch import load_file, save_file
+
+    from genalign.models.base import (
+        empty_text_encoders,
+        first_and_last_parameters,
+        read_safetensors_tensors,
+        tied_weight_aliases,
+    )
+
+    pipe = tiny.tiny_sd3_pipeline(with_t5=True)
+    t5 = pipe.text_encoder_3
+    pipe.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "text_encoder_3" / "model.safetensors.index.json").is_file()
+    empty = empty_text_encoders(tmp_path / "sharded")["text_encoder_3"]
+    named = dict(t5.named_parameters())
+    names = list(named)
+    first, last = names[0], names[-1]
+    got = first_and_last_parameters(empty)
+    assert torch.equal(got[0], named[first]) and torch.equal(got[1], named[last])
+
+    single = tmp_path / "single"
+    single.mkdir()
+    state = {k: v.contiguous() for k, v in t5.state_dict().items() if k != "shared.weight"}
+    state["encoder.embed_tokens.weight"] = t5.shared.weight.detach().clone()
+    save_file(state, single / "model.safetensors")
+    assert "shared.weight" not in load_file(single / "model.safetensors")
+    aliased = read_safetensors_tensors(single, ["shared.weight"], aliases=tied_weight_aliases(t5))
+    assert torch.equal(aliased[0], t5.shared.weight)
+    with pytest.raises(ModelLoadError, match="no tensor 'shared.weight'"):
+        read_safetensors_tensors(single, ["shared.weight"])
+
+
 def test_wrong_family_folder_is_refused_with_its_name(saved_folders):
     folders, _ = saved_folders
     for cls in (SD3Adapter, FluxAdapter, WanAdapter, UNetAdapter):
