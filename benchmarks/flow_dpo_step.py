@@ -413,7 +413,8 @@ VARIANTS = {
     "compile_full_budget50": {"compile": "full", "budget": 0.5},  # compile_memory_budget=0.5
 }
 # run in this order (cheap and certain first: a run cut short by a timeout still has the baselines)
-QUICK_PLAN = [("eager", 512), ("eager", 1024), ("ckpt", 1024), ("raw", 512), ("compile", 512), ("compile", 1024)]
+QUICK_PLAN = [("eager", 512), ("eager", 1024), ("ckpt", 1024), ("raw", 512), ("compile", 512), ("compile", 1024),
+              ("ckpt_half", 1024)]
 FULL_PLAN = [("eager", 512), ("eager", 1024), ("ckpt", 512), ("ckpt", 1024), ("raw", 512), ("raw", 1024),
              ("compile", 512), ("compile", 1024), ("compile_ckpt", 1024)]
 TINY_PLAN = [("eager", 64), ("raw", 64), ("eager", 128), ("ckpt", 128)]
