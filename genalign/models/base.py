@@ -286,7 +286,8 @@ def validate_tokenizers(pipe) -> None:
 
 def empty_text_encoders(folder: str | os.PathLike) -> dict[str, torch.nn.Module]:
     """The pipeline folder's transformers text encoders, built from their configs on the meta device (no memory,
-    no weights read), each remembering its folder for `first_and_last_parameters`. {} for a hub id."""
+    no weights read), each remembering its folder for `first_and_last_parameters`. {} for a hub id; an encoder
+    without model.safetensors (or its sharded index), e.g. only a variant's files, is left to load as usual."""
     import transformers
 
     if not Path(folder).is_dir():
@@ -295,13 +296,15 @@ def empty_text_encoders(folder: str | os.PathLike) -> dict[str, torch.nn.Module]
     index = read_model_index(folder) or {}
     for name in TEXT_ENCODER_NAMES:
         entry = index.get(name)
-        if not (isinstance(entry, list) and entry[0] == "transformers" and (Path(folder) / name).is_dir()):
+        sub = Path(folder) / name
+        weights = (sub / "model.safetensors").is_file() or (sub / "model.safetensors.index.json").is_file()
+        if not (isinstance(entry, list) and entry[0] == "transformers" and weights):
             continue
-        config = transformers.AutoConfig.from_pretrained(Path(folder) / name)
+        config = transformers.AutoConfig.from_pretrained(sub)
         with torch.device("meta"):
             module = getattr(transformers, entry[1])(config)
         module.requires_grad_(False)
-        module.genalign_weights_folder = str(Path(folder) / name)
+        module.genalign_weights_folder = str(sub)
         out[name] = module
     return out
 
