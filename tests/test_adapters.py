@@ -399,9 +399,9 @@ def test_weights_are_read_from_sharded_files_and_under_a_tied_alias(tmp_path):
     first, last = names[0], names[-1]
     got = first_and_last_parameters(empty)
     assert torch.equal(got[0], named[first]) and torch.equal(got[1], named[last])
-    # an encoder with only a variant's files is left to load as usual
+    # an encoder with only a variant's files (model.fp16.safetensors.index.json, ...) is left to load as usual
     clip = tmp_path / "sharded" / "text_encoder"
-    (clip / "model.safetensors").rename(clip / "model.fp16.safetensors")
+    (clip / "model.safetensors.index.json").rename(clip / "model.fp16.safetensors.index.json")
     assert set(empty_text_encoders(tmp_path / "sharded")) == {"text_encoder_2", "text_encoder_3"}
 
     single = tmp_path / "single"
