@@ -82,7 +82,7 @@ class TrainConfig:
     mixed_precision: str = option("no", "no | fp16 (GPU only) | bf16; trainable parameters stay float32")
     ema_decay: float = option(0.0, "EMA of the trainable parameters (0: off; e.g. 0.999); saved next to the weights")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, slower)")
-    checkpoint_share: float = option(1.0, "with gradient_checkpointing: the share of the network's blocks "
+    checkpoint_share: float = option(1.0, "with gradient_checkpointing: the share of a diffusers network's blocks "
                                           "checkpointed, evenly spread (1: all; 0.5: every other block)")
     attention_backend: str = option("sdpa", "sdpa (PyTorch, default) | xformers (used only if it loads; else SDPA with a warning)")
     compile: str = option("no", "torch.compile the trained network: no | blocks (each transformer block; compiles "
