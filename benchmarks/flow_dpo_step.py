@@ -210,10 +210,6 @@ def _mallinfo2():
     return mallinfo2
 
 
-def live_peak(sampled: HeapPeak, baseline: float | None) -> float | None:
-    return None if sampled.peak is None or baseline is None else sampled.peak - baseline
-
-
 class HeapPeak:
     """The peak of `heap_in_use_mb` while the block runs, sampled every 2 ms by a thread (torch's kernels
     release the GIL; the peak of a training step lasts from the end of the forward into the backward, far longer
@@ -230,6 +226,10 @@ class HeapPeak:
     def _sample(self):
         while not self._stop.wait(0.002):
             self.peak = max(self.peak, heap_in_use_mb())
+
+    def above(self, baseline: float | None) -> float | None:
+        """The peak's rise over `baseline` (MB); None off glibc."""
+        return None if self.peak is None or baseline is None else self.peak - baseline
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -318,7 +318,7 @@ def run_genalign(model_dir: str, px: int, max_sequence_length: int, pairs: int, 
         loss, _ = trainer.compute_loss(batch)
         loss.backward()
     return {"step_s": step_s, "cache_build_s": cache_s, "peak_mb": peak, "peak_reset": peak_reset,
-            "live_peak_mb": live_peak(live, baseline_live), "gflop_per_step": counter.get_total_flops() / 1e9}
+            "live_peak_mb": live.above(baseline_live), "gflop_per_step": counter.get_total_flops() / 1e9}
 
 
 def run_peer(model_dir: str, px: int, max_sequence_length: int, pairs: int, steps: int, warmup: int,
@@ -384,7 +384,7 @@ def run_peer(model_dir: str, px: int, max_sequence_length: int, pairs: int, step
     with cpu_flop_counter() as counter:
         one_step(steps)
     return {"step_s": float(np.mean(times[warmup:])), "peak_mb": peak, "peak_reset": peak_reset,
-            "live_peak_mb": live_peak(live, baseline_live), "gflop_per_step": counter.get_total_flops() / 1e9}
+            "live_peak_mb": live.above(baseline_live), "gflop_per_step": counter.get_total_flops() / 1e9}
 
 
 # ------------------------------------------------------------------------------------------- at scale (GPU / --tiny)

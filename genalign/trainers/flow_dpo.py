@@ -405,7 +405,7 @@ class FlowDPOTrainer(Trainer):
         on_cache = holds_prompt_embeddings(config.data)
         adapter = load_adapter(model_path, text_encoders="empty" if on_cache else "load", **extra)
         dataset = load_training_pairs(config.data, adapter, config)
-        if getattr(dataset, "text_keys", None):
+        if on_cache:
             freed = adapter.release_text_encoders()
             logger.info("training on the latent cache %s: text encoders released (%.1f M parameters)",
                         config.data, freed / 1e6)

@@ -616,8 +616,8 @@ class LatentRewardTrainer(Trainer):
         if config.eval_data:
             eval_dataset = load_pairs(config.eval_data, adapter, config, tie_policy="half")
         model = build_model_for(config, adapter, dataset)
-        if model.conditioning != "cond" or all(getattr(d, "text_keys", None) for d in (base, eval_dataset) if d):
-            # No prompt will be encoded (every prompt's embedding is in the cache, or the model reads no text): the
+        if cached or model.conditioning != "cond":
+            # No prompt will be encoded (every prompt's embedding is in the caches, or the model reads no text): the
             # text encoders would only take memory, on the accelerator too (SD3.5's: 10 GiB in bf16).
             freed = adapter.release_text_encoders()
             logger.info("the generator's text encoders are not needed: released (%.1f M parameters)", freed / 1e6)
