@@ -213,10 +213,12 @@ def _mallinfo2():
 class HeapPeak:
     """The peak of `heap_in_use_mb` while the block runs, sampled every 2 ms by a thread (torch's kernels
     release the GIL; the peak of a training step lasts from the end of the forward into the backward, far longer
-    than a sample). The CPU's analogue of torch.cuda.max_memory_allocated: it includes the compiler's buffers."""
+    than a sample). The CPU's analogue of torch.cuda.max_memory_allocated. `restart()` (after the warm-up steps)
+    starts a new peak, as torch.cuda.reset_peak_memory_stats does; `run_peak` keeps the peak of the whole block,
+    which on the CPU also holds the compiler's own working memory while it compiles in the first step."""
 
     def __enter__(self):
-        self.peak = heap_in_use_mb()
+        self.peak = self.run_peak = heap_in_use_mb()
         self._stop = threading.Event()
         if self.peak is not None:
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -227,15 +229,55 @@ class HeapPeak:
         while not self._stop.wait(0.002):
             self.peak = max(self.peak, heap_in_use_mb())
 
-    def above(self, baseline: float | None) -> float | None:
-        """The peak's rise over `baseline` (MB); None off glibc."""
-        return None if self.peak is None or baseline is None else self.peak - baseline
+    def restart(self) -> None:
+        if self.peak is not None:
+            self.run_peak = max(self.run_peak, self.peak)
+            self.peak = heap_in_use_mb()
+
+    def above(self, baseline: float | None, whole_run: bool = False) -> float | None:
+        """The peak's rise over `baseline` (MB), since the last restart or `whole_run`; None off glibc."""
+        if self.peak is None or baseline is None:
+            return None
+        return (max(self.peak, self.run_peak) if whole_run else self.peak) - baseline
 
     def __exit__(self, *exc):
         self._stop.set()
         if self.peak is not None:
             self._thread.join()
             self.peak = max(self.peak, heap_in_use_mb())
+
+
+def resident_tensor_mb(modules, optimizers) -> float:
+    """MB of the distinct tensor storages the training keeps between steps: the modules' parameters and buffers
+    and the optimizers' state (tensors on the meta device hold no memory). What torch.cuda.memory_allocated
+    would count before a step on a GPU; the data waiting in host memory is not part of it."""
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    tensors += [v for opt in optimizers for state in opt.state.values() for v in state.values()
+                if isinstance(v, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if not t.is_meta}
+    return sum(storages.values()) / 2**20
+
+
+def modules_of(pipe) -> list[torch.nn.Module]:
+    return [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+
+
+def step_tensor_rise_mb(step) -> float:
+    """The highest rise of tensor memory during `step()` above what was allocated before it (MB), from the
+    allocations and frees torch's CPU allocator reports to the profiler: tensors only, as
+    torch.cuda.max_memory_allocated minus memory_allocated would count on a GPU (no compiler buffers, no
+    Python objects, no data held in host memory)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    in_use = peak = 0
+    for e in events:
+        in_use += e.nbytes()
+        peak = max(peak, in_use)
+    return peak / 2**20
 
 
 # ------------------------------------------------------------------------------------------- variants (CPU)
@@ -307,18 +349,29 @@ def run_genalign(model_dir: str, px: int, max_sequence_length: int, pairs: int, 
     trainer = FlowDPOTrainer(adapter, cfg, dataset)
     peak_reset = reset_peak_rss()
     with HeapPeak() as live:
+        def restart_after_warmup(step, on_step_end=trainer.on_step_end):
+            on_step_end(step)
+            if step == warmup:
+                live.restart()
+
+        trainer.on_step_end = restart_after_warmup
         trainer.train()
     peak = peak_rss_mb() - baseline
     records = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     elapsed = {r["step"]: r["elapsed_s"] for r in records}
     step_s = (elapsed[steps] - elapsed[warmup]) / (steps - warmup)
+    # Tensor memory of one more step of the same loop (the cache holds a batch beyond the timed ones)
+    resting = resident_tensor_mb(modules_of(trainer.adapter.pipe), [trainer.optimizer])
+    rise = step_tensor_rise_mb(lambda: trainer._train_step(trainer._batch_stream(trainer.state.consumed_batches)))
     # The arithmetic of one step (matmuls, convolutions, attention), after the timed run
     batch = to_device(next(trainer._batch_stream(0)), trainer.device)
     with cpu_flop_counter() as counter:
         loss, _ = trainer.compute_loss(batch)
         loss.backward()
     return {"step_s": step_s, "cache_build_s": cache_s, "peak_mb": peak, "peak_reset": peak_reset,
-            "live_peak_mb": live.above(baseline_live), "gflop_per_step": counter.get_total_flops() / 1e9}
+            "live_peak_mb": live.above(baseline_live), "live_peak_run_mb": live.above(baseline_live, whole_run=True),
+            "tensor_peak_mb": resting + rise, "tensor_resting_mb": resting,
+            "gflop_per_step": counter.get_total_flops() / 1e9}
 
 
 def run_peer(model_dir: str, px: int, max_sequence_length: int, pairs: int, steps: int, warmup: int,
@@ -380,11 +433,17 @@ def run_peer(model_dir: str, px: int, max_sequence_length: int, pairs: int, step
             t0 = time.perf_counter()
             one_step(step)
             times.append(time.perf_counter() - t0)
+            if step + 1 == warmup:
+                live.restart()
     peak = peak_rss_mb() - baseline
+    resting = resident_tensor_mb([*modules_of(pipe), reference], [opt])
+    rise = step_tensor_rise_mb(lambda: one_step(steps))
     with cpu_flop_counter() as counter:
         one_step(steps)
     return {"step_s": float(np.mean(times[warmup:])), "peak_mb": peak, "peak_reset": peak_reset,
-            "live_peak_mb": live.above(baseline_live), "gflop_per_step": counter.get_total_flops() / 1e9}
+            "live_peak_mb": live.above(baseline_live), "live_peak_run_mb": live.above(baseline_live, whole_run=True),
+            "tensor_peak_mb": resting + rise, "tensor_resting_mb": resting,
+            "gflop_per_step": counter.get_total_flops() / 1e9}
 
 
 # ------------------------------------------------------------------------------------------- at scale (GPU / --tiny)
@@ -814,6 +873,10 @@ def measure(variant: str, model_dir: str, args) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def live_ratio(result: dict, peer: dict, key: str) -> float | None:
+    return result[key] / peer[key] if result.get(key) and peer.get(key) else None
+
+
 def cpu_main(args) -> None:
     """Both ways on the CPU, each variant in its own process, on one model; a table with the ratios."""
     # the eager step always runs: the arithmetic bound and the README's rows are stated against it
@@ -834,10 +897,12 @@ def cpu_main(args) -> None:
         # per genalign variant: peer's step time / its step time, its peak memory / peer's
         "speedup": {v: p["step_s"] / results[v]["step_s"] for v in names[1:]},
         "memory_ratio": {v: results[v]["peak_mb"] / p["peak_mb"] for v in names[1:]},
-        # the same on live memory (malloc's bytes in use, without what glibc keeps after frees); None off glibc
-        "live_memory_ratio": {v: (results[v]["live_peak_mb"] / p["live_peak_mb"]
-                                  if results[v].get("live_peak_mb") and p.get("live_peak_mb") else None)
-                              for v in names[1:]},
+        # the same on live memory (malloc's bytes in use, without what glibc keeps after frees; None off glibc):
+        # over the timed steps, as the GPU figures' max_memory_allocated, and over the whole run (compilation too)
+        "live_memory_ratio": {v: live_ratio(results[v], p, "live_peak_mb") for v in names[1:]},
+        "live_memory_ratio_run": {v: live_ratio(results[v], p, "live_peak_run_mb") for v in names[1:]},
+        # tensor memory (resident tensors + the rise of one step's tensors): what max_memory_allocated counts
+        "tensor_memory_ratio": {v: live_ratio(results[v], p, "tensor_peak_mb") for v in names[1:]},
         # On a compute-bound CPU an eager step cannot get faster than its share of the arithmetic: this is the
         # bound on the eager `speedup` that batching and the cache alone can reach.
         "arithmetic_ratio": p["gflop_per_step"] / results["genalign"]["gflop_per_step"],
@@ -846,10 +911,12 @@ def cpu_main(args) -> None:
 
     write_json(output_path(args.out, f"flow_dpo_step_cpu_{args.model}.json"), summary)
     print(f"\nFlow-DPO step on the CPU, model {args.model} at {summary['px']} px, {args.pairs} pairs, {args.threads} "
-          "thread(s); memory above the process before the model was loaded, during training: peak RSS and peak live "
-          "heap (malloc's bytes in use; a compiled variant's include the compiler)")
-    print(f"{'variant':26s} {'s/step':>7s} {'pairs/s':>7s} {'RSS MB':>7s} {'live MB':>7s} {'GFLOP':>7s} "
-          f"{'speedup':>7s} {'RSS':>6s} {'live':>6s}")
+          "thread(s); memory above the process before the model was loaded: peak RSS during training, peak live "
+          "heap (malloc's bytes in use) over the timed steps and over the whole run (a compiled variant's first "
+          "step holds the compiler's working memory), tensor memory (the tensors kept between steps plus the "
+          "highest rise of one step's: the GPU figures' max_memory_allocated)")
+    print(f"{'variant':26s} {'s/step':>7s} {'pairs/s':>7s} {'RSS MB':>7s} {'live MB':>7s} {'run MB':>7s} "
+          f"{'tensor':>7s} {'GFLOP':>7s} {'speedup':>7s} {'RSS':>6s} {'live':>6s} {'run':>6s} {'tensor':>6s}")
 
     def fmt(x, spec):
         return format(x, spec) if x is not None else "-".rjust(int(spec.split(".")[0]))
@@ -857,9 +924,12 @@ def cpu_main(args) -> None:
     for name in names:
         r = results[name]
         ratios = "" if name == "peer" else (f"{summary['speedup'][name]:6.2f}x {summary['memory_ratio'][name]:5.2f}x "
-                                            f"{fmt(summary['live_memory_ratio'][name], '5.2f')}x")
+                                            f"{fmt(summary['live_memory_ratio'][name], '5.2f')}x "
+                                            f"{fmt(summary['live_memory_ratio_run'][name], '5.2f')}x "
+                                            f"{summary['tensor_memory_ratio'][name]:5.2f}x")
         print(f"{name:26s} {r['step_s']:7.3f} {args.pairs / r['step_s']:7.1f} {r['peak_mb']:7.0f} "
-              f"{fmt(r.get('live_peak_mb'), '7.0f')} {r['gflop_per_step']:7.2f} {ratios}")
+              f"{fmt(r.get('live_peak_mb'), '7.0f')} {fmt(r.get('live_peak_run_mb'), '7.0f')} "
+              f"{r['tensor_peak_mb']:7.0f} {r['gflop_per_step']:7.2f} {ratios}")
     print(f"targets: speedup >= 1.5x, memory <= 0.7x the peer's; the peer does {summary['arithmetic_ratio']:.2f}x "
           "genalign's arithmetic (at SD3.5-medium's real size: 1.31x at 512 px, 1.16x at 1024; --count-real-size)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -292,10 +293,14 @@ def cmd_world_pairs(args) -> int:
         return 0
     adapter, defaults, _path = _load_model(args.model, args.kind, args.lora)
     kind = "video" if adapter.is_video else "image"
-    prompts = pair_prompts(kind, args.split, args.num_pairs, args.seed)
+    k = args.samples_per_prompt
+    if k < 2:
+        raise SystemExit(f"error: --samples-per-prompt must be at least 2 (a pair), got {k}")
+    prompts = pair_prompts(kind, args.split, math.ceil(args.num_pairs / (k * (k - 1) // 2)), args.seed)
     kw = _sampling_kwargs(args, defaults, adapter)
     kw.update(_guidance(args, adapter, kw))
-    out = make_preference_data(adapter, kind, prompts, args.out, annotator, seed=args.seed, **kw)
+    out = make_preference_data(adapter, kind, prompts, args.out, annotator, seed=args.seed, samples_per_prompt=k,
+                               num_pairs=args.num_pairs, **kw)
     print(f"wrote {args.num_pairs} labelled {kind} pairs to {out}")
     return 0
 
@@ -450,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = wsub.add_parser("pairs", help="sample the base model and label pairs with simulated annotators")
     _add_sampling_flags(p, with_prompts=False)
     p.add_argument("--num-pairs", type=int, default=256)
+    p.add_argument("--samples-per-prompt", type=int, default=2,
+                   help="--source model: K samples per prompt, every two of them a pair (K (K - 1) / 2 pairs per "
+                        "prompt, so fewer prompts and samples for the same number of pairs)")
     p.add_argument("--split", choices=["train", "heldout"], default="train")
     p.add_argument("--noise", type=float, default=0.10, help="annotator noise rate")
     p.add_argument("--tie-margin", type=float, default=0.05)

@@ -113,6 +113,37 @@ def test_world_pairs_writes_pickapic_parquet_readable_by_the_data_reader(tmp_pat
     assert pair.media_a.shape == (32, 32, 3) and pair.label in (0.0, 0.5, 1.0)
 
 
+def test_world_pairs_with_k_samples_per_prompt_pair_every_two_of_a_prompts_samples(tmp_path):
+    """--samples-per-prompt 3: 3 pairs per prompt (0-1, 0-2, 1-2) from the same 3 samples `genalign eval`'s
+    sampler draws for those prompts, cut at --num-pairs; labels are the clean annotator's on the oracle."""
+    genalign("world", "pairs", "--num-pairs", "5", "--samples-per-prompt", "3", "--steps", "4", "--noise", "0",
+             "--out", tmp_path)
+    from genalign.cli import load_model
+    from genalign.data import load_preference_pairs
+    from genalign.eval.oracle_eval import generate
+    from genalign.world.annotators import overall_image_score
+    from genalign.world.grammar import pair_prompts
+    from genalign.world.oracle import judge
+
+    ds = load_preference_pairs(tmp_path / "pairs.parquet", tie_policy="half")
+    assert len(ds) == 5
+    prompts = pair_prompts("image", "train", 2, 0)  # ceil(5 / 3) prompts
+    adapter, defaults, _, _ = load_model("world", "image", [])
+    samples, _ = generate(adapter, prompts, 3, seed=0, progress=False, num_steps=4,
+                          guidance_scale=defaults["guidance_scale"], height=defaults["height"], width=defaults["width"])
+    expected = [(0, 1), (0, 2), (1, 2), (3, 4), (3, 5)]
+    for row, (i, j) in enumerate(expected):
+        pair = ds[row]
+        assert pair.prompt == prompts[i // 3]
+        np.testing.assert_array_equal(pair.media_a, samples[i])
+        np.testing.assert_array_equal(pair.media_b, samples[j])
+        sa = overall_image_score(judge(samples[i], pair.prompt).as_dict())
+        sb = overall_image_score(judge(samples[j], pair.prompt).as_dict())
+        assert pair.label == (0.5 if abs(sa - sb) < 0.05 else float(sa > sb))
+    bad = genalign("world", "pairs", "--samples-per-prompt", "1", "--out", tmp_path / "b", check=False)
+    assert bad.returncode != 0 and "--samples-per-prompt" in bad.stderr
+
+
 def test_world_pairs_from_renders_pit_each_train_prompt_against_a_one_attribute_swap(tmp_path):
     """`--source renders`: the prompt's clip (A) vs the clip of a swapped train prompt, same seed; TA goes to A;
     half the pairs through the autoencoder (every clip written as lossless uint8 MP4, none black)."""

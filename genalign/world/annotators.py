@@ -11,6 +11,7 @@ Pairs are written in the formats genalign reads for real data: Pick-a-Pic-style 
 from __future__ import annotations
 
 import io
+import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,12 +190,21 @@ def sdedit_images(adapter, images: np.ndarray, prompts: list[str], strength: flo
 
 
 def make_preference_data(adapter, kind: str, prompts: list[str], out_dir: str | Path, annotator: Annotator,
-                         seed: int = 0, progress: bool = True, **sampling) -> Path:
-    """Sample two outputs per prompt from `adapter` and write labelled pairs (parquet or CSV) under out_dir."""
+                         seed: int = 0, progress: bool = True, samples_per_prompt: int = 2,
+                         num_pairs: int | None = None, **sampling) -> Path:
+    """Sample `samples_per_prompt` outputs per prompt from `adapter` and write labelled pairs (parquet or CSV) under
+    out_dir: every two samples of a prompt make a pair, K (K - 1) / 2 per prompt (as preference datasets with
+    several images per prompt are compared, e.g. ImageReward's rankings), the first `num_pairs` of them (default
+    all). Two per prompt: one pair each."""
     from ..eval.oracle_eval import generate
 
-    samples, flat = generate(adapter, prompts, 2, seed=seed, progress=progress, **sampling)
-    a, b, ps = samples[0::2], samples[1::2], flat[0::2]
+    if samples_per_prompt < 2:
+        raise ValueError(f"samples_per_prompt must be at least 2 to make pairs, got {samples_per_prompt}")
+    samples, flat = generate(adapter, prompts, samples_per_prompt, seed=seed, progress=progress, **sampling)
+    pairs = [(start + i, start + j) for start in range(0, len(flat), samples_per_prompt)
+             for i, j in itertools.combinations(range(samples_per_prompt), 2)][:num_pairs]
+    a, b = samples[[i for i, _ in pairs]], samples[[j for _, j in pairs]]
+    ps = [flat[i] for i, _ in pairs]
     out_dir = Path(out_dir)
     if kind == "image":
         return write_pickapic_parquet(label_image_pairs(a, b, ps, annotator), out_dir / "pairs.parquet")
