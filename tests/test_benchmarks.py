@@ -64,6 +64,40 @@ def test_live_heap_peak_sees_a_short_lived_allocation_and_its_release():
         del x
     assert live.peak - before == pytest.approx(256, abs=16)
     assert bench.heap_in_use_mb() - before < 16
+    # restart(): a new peak from now on (as after the warm-up steps); the whole block's peak is kept
+    with bench.HeapPeak() as live:
+        x = torch.ones(64, 2**20)
+        time.sleep(0.05)
+        del x
+        live.restart()
+        y = torch.ones(16, 2**20)  # 64 MiB
+        time.sleep(0.05)
+        del y
+    assert live.above(before) == pytest.approx(64, abs=16)
+    assert live.above(before, whole_run=True) == pytest.approx(256, abs=16)
+
+
+def test_tensor_memory_counts_resident_state_once_and_a_steps_highest_rise():
+    """The benchmark's GPU-like tensor memory: the storages of the modules' weights and the optimizer's state,
+    each once however many tensors view it (tied weights), none for the meta device; and the highest rise of
+    tensor memory inside a step, from the allocator's events, however it ends."""
+    bench = import_benchmark("flow_dpo_step")
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))
+    model[1].weight = model[0].weight  # tied: one storage
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 512)).sum().backward()
+    opt.step()
+    weights = 512 * 512 + 2 * 512
+    assert bench.resident_tensor_mb([model, torch.nn.Linear(64, 64, device="meta")], [opt]) * 2**20 == \
+        pytest.approx(4 * 3 * weights + 8, abs=64)  # weights, exp_avg, exp_avg_sq (+ the scalar steps)
+
+    def step():
+        a = torch.ones(8, 2**20)  # 32 MiB
+        b = torch.ones(4, 2**20)  # 16 MiB, both alive: 48
+        del a, b
+        return torch.ones(2**20)  # 4 MiB, kept
+
+    assert bench.step_tensor_rise_mb(step) == pytest.approx(48, abs=0.5)
 
 
 def test_flow_dpo_step_cpu_on_sd35m_proportions_and_the_meta_count_agrees_with_the_trainer(tmp_path):

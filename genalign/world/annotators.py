@@ -59,11 +59,16 @@ def png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def label_image_pairs(a: np.ndarray, b: np.ndarray, prompts: list[str], annotator: Annotator) -> list[dict]:
-    """Rows of a Pick-a-Pic-style table, plus the oracle scores (columns `oracle_*`) for analysis."""
+def judge_pairs(a: np.ndarray, b: np.ndarray, prompts: list[str]) -> list[tuple[dict, dict]]:
+    return [(judge(x, p).as_dict(), judge(y, p).as_dict()) for x, y, p in zip(a, b, prompts)]
+
+
+def label_image_pairs(a: np.ndarray, b: np.ndarray, prompts: list[str], annotator: Annotator,
+                      judgements: list[tuple[dict, dict]] | None = None) -> list[dict]:
+    """Rows of a Pick-a-Pic-style table, plus the oracle scores (columns `oracle_*`) for analysis. `judgements`:
+    the oracle's scores of each pair's two sides when known already (pairs that share samples)."""
     rows = []
-    for img_a, img_b, p in zip(a, b, prompts):
-        ja, jb = judge(img_a, p).as_dict(), judge(img_b, p).as_dict()
+    for img_a, img_b, p, (ja, jb) in zip(a, b, prompts, judgements or judge_pairs(a, b, prompts)):
         lab = annotator.label(overall_image_score(ja), overall_image_score(jb))
         label_0 = {"A": 1.0, "B": 0.0, "same": 0.5}[lab]
         rows.append({
@@ -86,7 +91,8 @@ def write_pickapic_parquet(rows: list[dict], path: str | Path) -> Path:
 
 
 def label_video_pairs(a: np.ndarray, b: np.ndarray, prompts: list[str], annotator: Annotator, out_dir: str | Path,
-                      fps: int = 8, prefix: str = "pair", progress: bool = True) -> list[dict]:
+                      fps: int = 8, prefix: str = "pair", progress: bool = True,
+                      judgements: list[tuple[dict, dict]] | None = None) -> list[dict]:
     """Write each clip as MP4 under out_dir/videos and return VideoAlign CSV rows (paths relative to out_dir)."""
     from tqdm.auto import tqdm
 
@@ -95,7 +101,7 @@ def label_video_pairs(a: np.ndarray, b: np.ndarray, prompts: list[str], annotato
     pairs = tqdm(enumerate(zip(a, b, prompts)), total=len(prompts), desc="judging and writing clips", mininterval=5,
                  disable=not progress or len(prompts) < 64)  # about 4 pairs/s: thousands take minutes
     for i, (va, vb, p) in pairs:
-        ja, jb = judge(va, p).as_dict(), judge(vb, p).as_dict()
+        ja, jb = judgements[i] if judgements else (judge(va, p).as_dict(), judge(vb, p).as_dict())
         pa, pb = f"videos/{prefix}{i:05d}_A.mp4", f"videos/{prefix}{i:05d}_B.mp4"
         write_video(out_dir / pa, va, fps=fps)
         write_video(out_dir / pb, vb, fps=fps)
@@ -205,8 +211,10 @@ def make_preference_data(adapter, kind: str, prompts: list[str], out_dir: str | 
              for i, j in itertools.combinations(range(samples_per_prompt), 2)][:num_pairs]
     a, b = samples[[i for i, _ in pairs]], samples[[j for _, j in pairs]]
     ps = [flat[i] for i, _ in pairs]
+    judged = {i: judge(samples[i], flat[i]).as_dict() for i in sorted({i for pair in pairs for i in pair})}
+    judgements = [(judged[i], judged[j]) for i, j in pairs]
     out_dir = Path(out_dir)
     if kind == "image":
-        return write_pickapic_parquet(label_image_pairs(a, b, ps, annotator), out_dir / "pairs.parquet")
-    rows = label_video_pairs(a, b, ps, annotator, out_dir, progress=progress)
+        return write_pickapic_parquet(label_image_pairs(a, b, ps, annotator, judgements), out_dir / "pairs.parquet")
+    rows = label_video_pairs(a, b, ps, annotator, out_dir, progress=progress, judgements=judgements)
     return write_videoalign_csv(rows, out_dir / "pairs.csv")
