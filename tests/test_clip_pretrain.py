@@ -122,6 +122,42 @@ def test_caption_pool_uses_train_prompts_and_collates_for_the_loss():
     assert torch.isfinite(loss)
 
 
+def test_composition_negatives_are_flawed_twins_of_clean_renders_the_oracle_marks_down():
+    """composition_negatives=1: every clean render is followed by a text -> image negative with its caption: the
+    same background and layout with an object missing, added or merged (the oracle's TA lower, its object count
+    off by one); 0 leaves the pool exactly as it was."""
+    from genalign.world.oracle import analyze_image, judge
+
+    base = make_caption_pool(30, seed=4, autoencoder=0.0, degraded=0.0, quality_negatives=0.0)
+    pool = make_caption_pool(30, seed=4, autoencoder=0.0, degraded=0.0, quality_negatives=0.0, composition_negatives=1.0)
+    assert len(pool.images) == 2 * len(base.images)  # one twin per render, hard negatives' included
+    twins = np.flatnonzero(~pool.positive)
+    assert len(twins) == len(base.images) and pool.positive[twins - 1].all()
+    np.testing.assert_array_equal(pool.images[twins - 1], base.images)  # the renders themselves are unchanged
+    for k in twins:
+        clean, twin, caption = pool.images[k - 1], pool.images[k], pool.captions[k]
+        assert pool.captions[k - 1] == caption
+        np.testing.assert_array_equal(clean[0, 0], twin[0, 0])  # same background
+        assert judge(twin, caption).TA < judge(clean, caption).TA
+        assert abs(len(analyze_image(twin).objects) - len(analyze_image(clean).objects)) == 1
+    same = make_caption_pool(30, seed=4, autoencoder=0.0, degraded=0.0, quality_negatives=0.0, composition_negatives=0.0)
+    np.testing.assert_array_equal(same.images, base.images)
+
+
+def test_flawed_renders_differ_from_the_render_in_the_flaw_only():
+    from genalign.world.render import render_flawed_image, render_image
+
+    clean = render_image("red circle left of blue square", 7)
+    for flaw in ("missing", "extra", "merged"):
+        twin = render_flawed_image("red circle left of blue square", 7, flaw)
+        changed = np.abs(twin - clean).max(axis=-1) > 0.01
+        assert 0 < changed.mean() < 0.5, flaw  # one object's worth of pixels, not a new picture
+    with pytest.raises(ValueError, match="nothing to merge"):
+        render_flawed_image("red circle", 0, "merged")
+    with pytest.raises(ValueError, match="unknown flaw"):
+        render_flawed_image("red circle", 0, "blurry")
+
+
 def test_pool_does_not_depend_on_the_number_of_workers(monkeypatch):
     import genalign.world.clip_pretrain as cp
 

@@ -17,6 +17,10 @@ makes *groups* of pictures:
 - with probability `quality_negatives`, a degraded copy of a clean render, with the same caption but not a
   positive of it in the text -> image direction: the caption learns to prefer the clean picture (the quality
   side of a preference), while the copy still matches its caption better than any other caption;
+- with probability `composition_negatives`, a flawed twin of a clean render (`render.render_flawed_image`: the
+  same background and layout with an object missing, an extra object, or two objects merged into one blob), a
+  text -> image negative of the caption like the degraded copy: the failures that decide most comparisons of
+  two samples of one prompt (a generator's merged or extra objects), which a swapped caption never shows;
 - with probability `autoencoder`, every picture of the group goes through the world autoencoder's round trip
   (encode, decode), so the pictures look like the generators' outputs (which the autoencoder decodes).
 
@@ -32,6 +36,7 @@ model=<run>/clip` fine-tunes it (stage 2), `genalign.rewards.load_reward_model(<
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from dataclasses import dataclass
@@ -46,7 +51,14 @@ from ..trainers.loop import TrainConfig, Trainer, eval_mode, option
 from ..trainers.reward import WorldCLIPSize
 from .corpus import miscaption
 from .grammar import image_splits, parse_prompt
-from .render import IMAGE_CORRUPTIONS, corrupt_image, render_image, to_uint8
+from .render import (
+    COMPOSITION_FLAWS,
+    IMAGE_CORRUPTIONS,
+    corrupt_image,
+    render_flawed_image,
+    render_image,
+    to_uint8,
+)
 
 logger = logging.getLogger("genalign.world")
 
@@ -78,6 +90,8 @@ class CLIPPretrainConfig(WorldCLIPSize, TrainConfig):
     degraded: float = option(0.2, "share of renders degraded like the corpus's (captioned normally)")
     quality_negatives: float = option(0.5, "share of clean renders that get a degraded copy as a text -> image "
                                            "negative of their caption")
+    composition_negatives: float = option(0.0, "share of clean renders that get a flawed twin (an object missing, "
+                                               "an extra one, two merged) as a text -> image negative of their caption")
     autoencoder: float = option(0.5, "share of groups passed through the world autoencoder's round trip")
     autoencoder_path: str | None = option(None, "the autoencoder folder (None: the shipped world autoencoder)")
     # the model: a transformers CLIPModel with the world's word-level tokenizer, sized by WorldCLIPSize's keys
@@ -89,7 +103,7 @@ class CLIPPretrainConfig(WorldCLIPSize, TrainConfig):
         def bad(key, msg):
             raise ConfigError(f"config key {key!r}: {msg}")
 
-        for key in ("wrong_caption", "degraded", "quality_negatives", "autoencoder"):
+        for key in ("wrong_caption", "degraded", "quality_negatives", "composition_negatives", "autoencoder"):
             if not 0 <= getattr(self, key) <= 1:
                 bad(key, f"must be in [0, 1], got {getattr(self, key)}")
         if self.pool_groups < self.batch_size:
@@ -143,6 +157,7 @@ def _render_chunk(args) -> tuple[np.ndarray, list[str], list[bool], list[int], l
     seed, start, n, opts = args
     rng = random.Random(f"{seed}-{start}")
     nrng = np.random.default_rng([seed, start])
+    twin_rng = random.Random(f"{seed}-{start}-twins")  # its own stream: the rest of the pool stays as without twins
     train = image_splits().train
     allowed = set(train)
     by_template: dict[str, list[str]] = {}
@@ -158,6 +173,7 @@ def _render_chunk(args) -> tuple[np.ndarray, list[str], list[bool], list[int], l
             prompts.append(hard_negative_prompt(prompt, rng, allowed))
         count = 0
         for q in prompts:
+            twin_layout = copy.deepcopy(nrng)  # the flawed twin draws the same background and layout
             clean = render_image(q, nrng)
             caption = miscaption(q, rng) if rng.random() < opts["wrong_caption"] else q
             degraded = rng.random() < opts["degraded"]
@@ -168,6 +184,12 @@ def _render_chunk(args) -> tuple[np.ndarray, list[str], list[bool], list[int], l
             count += 1
             if not degraded and rng.random() < opts["quality_negatives"]:
                 images.append(to_uint8(corrupt_image(clean, rng.choice(IMAGE_CORRUPTIONS), nrng)))
+                captions.append(caption)
+                positive.append(False)
+                count += 1
+            if not degraded and twin_rng.random() < opts["composition_negatives"]:
+                flaws = [f for f in COMPOSITION_FLAWS if f != "merged" or len(parse_prompt(q).objects) > 1]
+                images.append(to_uint8(render_flawed_image(q, twin_layout, twin_rng.choice(flaws))))
                 captions.append(caption)
                 positive.append(False)
                 count += 1
@@ -205,13 +227,13 @@ def load_world_autoencoder(path: str | Path | None = None):
 
 def make_caption_pool(groups: int, seed: int = 0, *, template_mix: dict[str, float] | None = None,
                       hard_negatives: bool = True, wrong_caption: float = 0.0, degraded: float = 0.2,
-                      quality_negatives: float = 0.5, autoencoder: float = 0.5, vae=None, workers: int = 1,
-                      device: str | torch.device = "cpu") -> CaptionPool:
+                      quality_negatives: float = 0.5, composition_negatives: float = 0.0, autoencoder: float = 0.5,
+                      vae=None, workers: int = 1, device: str | torch.device = "cpu") -> CaptionPool:
     """The caption pool (module docstring). `vae`: the autoencoder for the round trip (loaded from the world's
     assets when `autoencoder > 0` and none is given)."""
     opts = {"template_mix": dict(template_mix or DEFAULT_TEMPLATE_MIX), "hard_negatives": hard_negatives,
             "wrong_caption": wrong_caption, "degraded": degraded, "quality_negatives": quality_negatives,
-            "autoencoder": autoencoder}
+            "composition_negatives": composition_negatives, "autoencoder": autoencoder}
     jobs = [(seed, s, min(CHUNK_GROUPS, groups - s), opts) for s in range(0, groups, CHUNK_GROUPS)]
     if workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
@@ -333,6 +355,7 @@ class CLIPPretrainTrainer(Trainer):
             config.pool_groups, config.seed if config.pool_seed is None else config.pool_seed,
             template_mix=config.template_mix, hard_negatives=config.hard_negatives,
             wrong_caption=config.wrong_caption, degraded=config.degraded, quality_negatives=config.quality_negatives,
+            composition_negatives=config.composition_negatives,
             autoencoder=config.autoencoder, vae=vae, workers=config.pool_workers, device=device)
         logger.info("caption pool: %d groups, %d pictures (%d quality negatives, %d autoencoded) in %.0f s",
                     len(pool), len(pool.images), int((~pool.positive).sum()), int(pool.autoencoded.sum()),

@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..media import unit_to_uint8
-from .grammar import COLORS, PromptSpec, parse_prompt
+from .grammar import COLORS, SHAPES, PromptSpec, parse_prompt
 
 IMAGE_SIZE = 32
 NUM_FRAMES = 8
@@ -102,6 +102,41 @@ def render_image(prompt: str | PromptSpec, seed: int | np.random.Generator) -> n
     rng = np.random.default_rng(seed)
     bg = background(rng)
     return compose(layout(spec, rng), bg)
+
+
+COMPOSITION_FLAWS = ("missing", "extra", "merged")
+
+
+def render_flawed_image(prompt: str | PromptSpec, seed: int | np.random.Generator, flaw: str) -> np.ndarray:
+    """A render that fails the prompt's composition the way the generators do: one object `missing`, an `extra`
+    object (a random colour and shape, apart from the others) or the first two objects `merged` into one blob
+    (the second drawn overlapping the first). It draws the background and the layout exactly as `render_image`
+    does with the same seed (or a copy of the same generator), so the two differ in the flaw only. A prompt with
+    one object cannot be `merged`; where no room is left for an `extra` object, one goes `missing` instead."""
+    if flaw not in COMPOSITION_FLAWS:
+        raise ValueError(f"unknown flaw {flaw!r} (known: {COMPOSITION_FLAWS})")
+    spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    rng = np.random.default_rng(seed)
+    bg = background(rng)
+    objects = layout(spec, rng)
+    if flaw == "merged":
+        if len(objects) < 2:
+            raise ValueError(f"{prompt!r} has one object: nothing to merge")
+        a, b = objects[0], objects[1]
+        angle, reach = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.7) * (a.r + b.r)  # overlapping boxes
+        lo, hi = b.r + 1, IMAGE_SIZE - b.r - 1
+        objects[1] = Placed(b.color, b.shape, float(np.clip(a.cx + reach * np.cos(angle), lo, hi)),
+                            float(np.clip(a.cy + reach * np.sin(angle), lo, hi)), b.r)
+        return compose(objects, bg)
+    if flaw == "extra":
+        for _ in range(200):
+            r = rng.uniform(4.5, 6.0)
+            box = (rng.uniform(r + 1, IMAGE_SIZE - r - 1), rng.uniform(r + 1, IMAGE_SIZE - r - 1), r)
+            if all(_apart(box, (o.cx, o.cy, o.r)) for o in objects):
+                color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+                return compose([*objects, Placed(color, shape, *box)], bg)
+    objects.pop(int(rng.integers(len(objects))))  # missing (or no room for an extra one)
+    return compose(objects, bg)
 
 
 DIRECTION_VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
