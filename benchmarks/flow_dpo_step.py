@@ -13,10 +13,12 @@ On the CPU, two models (`--model`): the world's image model at 32 px (its transf
 and text encoders are tiny), and "sd35m-proportions", a random-init SD3 at 256 px with SD3.5-medium's components in
 its proportions (T5 and CLIP text towers 3.0x the transformer's parameters, real 2.5x; each way's share of the
 arithmetic within 0.02 of the real model's at 512 px: VAE encoding 0.15, text encoders 0.15 of genalign's step;
-peer / genalign 1.30x, real 1.31x). Memory, two ways, both above the process before the model was loaded, with the
-libraries both use imported first (so they count weights and activations, not code): the peak *live* heap during
-training (glibc's bytes in use, `HeapPeak`: the CPU's analogue of torch.cuda.max_memory_allocated, which the GPU
-figures use) and the peak RSS, which also holds what glibc keeps after frees (about twice the live peak here, and
+peer / genalign 1.30x, real 1.31x). Memory, three ways. Tensor memory, the GPU figures' measure
+(torch.cuda.max_memory_allocated): the tensors kept between steps (weights, optimizer state) plus the highest rise of
+one more step's tensors, from the allocator's events in torch's profiler. And, above the process before the model
+was loaded with the libraries both use imported first: the peak *live* heap (glibc's bytes in use, `HeapPeak`, over
+the timed steps and over the whole run; it also counts Python objects, compiled code and the data held in host
+memory) and the peak RSS, which also holds what glibc keeps after frees (about twice the live peak here, and
 varying with the heap's layout from run to run). Also: the FLOPs of one step of each (FlopCounterMode with
 attention on SDPA's math path: torch counts nothing for the CPU's fused attention kernel), the bound on the
 speed-up where compute is the limit, and genalign with gradient checkpointing of all blocks ("genalign_ckpt") or
