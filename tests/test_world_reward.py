@@ -79,7 +79,8 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
     for name in ("image-base", "video-base"):
         shutil.copytree(ASSETS / name, out / name)
     cfg = replace(
-        BuildConfig(), reward_image_pairs=6, reward_image_heldout_pairs=4, reward_video_pairs=4,
+        BuildConfig(), reward_image_pairs=6, reward_image_samples_per_prompt=3, reward_image_heldout_pairs=4,
+        reward_video_pairs=4,
         reward_video_heldout_pairs=4, latent_reward_workdir=str(tmp_path / "lr"), reward_workdir=str(tmp_path / "rw"),
         reward_clip_overrides={"max_steps": 2, "batch_size": 4, "pool_groups": 8, "pool_workers": 1,
                                "eval_images": 4, "clip_width": 32, "clip_layers": 1, "clip_heads": 2,
@@ -93,6 +94,13 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
     stats = json.loads((out / "BUILD.json").read_text())["reward"]["stats"]
     assert stats["command"].startswith("genalign world build --only reward ") and " reward_image_pairs=6" in stats["command"]
     assert stats["image_pairs"]["train"]["pairs"] == 6 and not stats["image_pairs"]["train"]["reused"]
+    # 3 samples per train prompt, every two a pair: 6 pairs from 2 prompts, in the reward stage's own folder
+    train = stats["image_pairs"]["train"]
+    assert train["path"] == str(tmp_path / "rw" / "image-pairs-train-k3" / "pairs.parquet")
+    assert "--samples-per-prompt 3" in train["command"] and "--samples-per-prompt" not in stats["image_pairs"]["heldout"]["command"]
+    import pyarrow.parquet as pq
+
+    assert len(set(pq.read_table(train["path"]).column("caption").to_pylist())) <= 2
     assert set(stats["clip_pretrain"]["zero_shot_heldout"]) == {"caption", "image", "quality", "n"}
     for name in ("pickscore", "pickscore_from_scratch"):
         assert set(stats[name]["heldout"]["score"]) >= {"accuracy_without_ties", "accuracy_with_ties"}

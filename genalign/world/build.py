@@ -56,6 +56,9 @@ class BuildConfig:
     reward_kinds: tuple[str, ...] = ("image", "video")
     reward_workdir: str = "runs/world-build/reward"  # caption pool runs, video pairs, training runs (never shipped)
     reward_image_pairs: int = 4096
+    # K samples per train prompt, every two a pair (`genalign world pairs --samples-per-prompt K`): at K = 8 the
+    # 4096 pairs take 147 prompts' samples, or, for the sampling of 4096 two-sample pairs, 28672 pairs
+    reward_image_samples_per_prompt: int = 2
     reward_image_heldout_pairs: int = 1024
     reward_clip_recipe: str = "world_clip_pretrain"  # stage 1: the world CLIP
     reward_clip_overrides: dict = field(default_factory=dict)  # its recipe keys, e.g. {"max_steps": 500}

@@ -40,10 +40,10 @@ REWARD_MAX_BYTES = 5_000_000
 
 
 def make_pairs(model_dir: Path, kind: str, num_pairs: int, split: str, seed: int, out: Path, noise: float = 0.10,
-               tie_margin: float = 0.05) -> Path:
+               tie_margin: float = 0.05, samples_per_prompt: int = 2) -> Path:
     """Labelled pairs of a world model, as `genalign world pairs --kind KIND --model MODEL_DIR --num-pairs N
-    --split SPLIT --seed S --out OUT` writes them: prompts `Random(seed + i).choice(split)`, the model's sampling
-    defaults, `Annotator(tie_margin, noise, seed)`."""
+    --split SPLIT --seed S --samples-per-prompt K --out OUT` writes them: prompts `Random(seed + i).choice(split)`,
+    the model's sampling defaults, `Annotator(tie_margin, noise, seed)`."""
     from ..models import load_adapter
     from . import resolve_model
     from .annotators import Annotator, make_preference_data
@@ -51,11 +51,11 @@ def make_pairs(model_dir: Path, kind: str, num_pairs: int, split: str, seed: int
 
     path, adapter_kwargs, defaults = resolve_model(str(model_dir), kind)
     adapter = load_adapter(path, **adapter_kwargs)
-    prompts = pair_prompts(kind, split, num_pairs, seed)
+    prompts = pair_prompts(kind, split, math.ceil(num_pairs / math.comb(samples_per_prompt, 2)), seed)
     keys = ("num_steps", "guidance_scale", "height", "width") + (("num_frames",) if kind == "video" else ())
     sampling = {k: defaults[k] for k in keys}
     return make_preference_data(adapter, kind, prompts, out, Annotator(tie_margin=tie_margin, noise=noise, seed=seed),
-                                seed=seed, **sampling)
+                                seed=seed, samples_per_prompt=samples_per_prompt, num_pairs=num_pairs, **sampling)
 
 
 def count_pairs(path: Path) -> int:
@@ -74,20 +74,24 @@ def count_pairs(path: Path) -> int:
         return -1
 
 
-def pairs_command(kind: str, model_dir: Path, n: int, split: str, seed: int, folder: Path) -> str:
-    return (f"genalign world pairs --kind {kind} --model {model_dir} --num-pairs {n} --split {split} --seed {seed} "
-            f"--out {folder}")
+def pairs_command(kind: str, model_dir: Path, n: int, split: str, seed: int, folder: Path,
+                  samples_per_prompt: int = 2) -> str:
+    k = f" --samples-per-prompt {samples_per_prompt}" if samples_per_prompt != 2 else ""
+    return (f"genalign world pairs --kind {kind} --model {model_dir} --num-pairs {n} --split {split} --seed {seed}"
+            f"{k} --out {folder}")
 
 
-def ensure_pairs(model_dir: Path, kind: str, n: int, split: str, seed: int, folder: Path) -> dict[str, Any]:
+def ensure_pairs(model_dir: Path, kind: str, n: int, split: str, seed: int, folder: Path,
+                 samples_per_prompt: int = 2) -> dict[str, Any]:
     """Make the pairs unless `folder` already holds exactly n of them; returns where and how they were made."""
     file = folder / ("pairs.parquet" if kind == "image" else "pairs.csv")
     t0 = time.time()
     reused = count_pairs(file) == n
     if not reused:
-        make_pairs(model_dir, kind, n, split, seed, folder)
-    return {"path": str(file), "pairs": n, "seed": seed, "split": split, "reused": reused,
-            "seconds": round(time.time() - t0, 1), "command": pairs_command(kind, model_dir, n, split, seed, folder)}
+        make_pairs(model_dir, kind, n, split, seed, folder, samples_per_prompt=samples_per_prompt)
+    return {"path": str(file), "pairs": n, "seed": seed, "split": split, "samples_per_prompt": samples_per_prompt,
+            "reused": reused, "seconds": round(time.time() - t0, 1),
+            "command": pairs_command(kind, model_dir, n, split, seed, folder, samples_per_prompt)}
 
 
 def ensure_render_pairs(n: int, seed: int, folder: Path) -> dict[str, Any]:
@@ -243,11 +247,15 @@ def build_reward_models(out: Path, cfg) -> dict[str, Any]:
         model_dir = out / "image-base"
         if not (model_dir / "model_index.json").is_file():
             raise FileNotFoundError(f"no world image model at {model_dir}: build it first (--only image)")
-        pairs = {}
-        for split, n, seed in (("train", cfg.reward_image_pairs, cfg.seed),
-                               ("heldout", cfg.reward_image_heldout_pairs, cfg.seed + 1)):
-            pairs[split] = ensure_pairs(model_dir, "image", n, split, seed,
-                                        Path(cfg.latent_reward_workdir) / f"pairs-{split}")
+        # Held-out pairs: two samples per prompt, shared with the latent-reward stage. Training pairs: every two of
+        # K samples per prompt, in their own folder when K > 2 (the latent-reward stage reads one pair per prompt).
+        k = cfg.reward_image_samples_per_prompt
+        train_folder = (Path(cfg.latent_reward_workdir) / "pairs-train" if k == 2
+                        else work / f"image-pairs-train-k{k}")
+        pairs = {"train": ensure_pairs(model_dir, "image", cfg.reward_image_pairs, "train", cfg.seed, train_folder,
+                                       samples_per_prompt=k),
+                 "heldout": ensure_pairs(model_dir, "image", cfg.reward_image_heldout_pairs, "heldout", cfg.seed + 1,
+                                         Path(cfg.latent_reward_workdir) / "pairs-heldout")}
         stats["image_pairs"] = pairs
 
         # stage 1: the world CLIP
