@@ -116,6 +116,11 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
         assert f"model={tmp_path / 'rw' / f'videoreward-{loss}-renders' / 'reward_model'}" in stats[f"videoreward_{loss}"]["overrides"]
     # shipped only when above chance: at 2 steps on 4 pairs it is not
     assert stats["videoreward_btt"]["shipped"] is None or (out / REWARD_MODEL_DIRS["video"]).is_dir()
+    # a rebuild in the same work folder trains afresh (the runs' checkpoints are not in its way), reusing the pairs
+    assert any((tmp_path / "rw" / "pickscore").glob("checkpoint-*"))
+    build_world(out, replace(cfg, reward_kinds=("image",), reward_compare=False), ("reward",))
+    again = json.loads((out / "BUILD.json").read_text())["reward"]["stats"]
+    assert again["image_pairs"]["train"]["reused"] and again["pickscore"]["heldout"] != {}
 
 
 def test_a_build_of_one_reward_kind_keeps_the_record_of_the_other():

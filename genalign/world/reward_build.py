@@ -149,13 +149,24 @@ def as_overrides(keys: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def fresh_run(folder: Path) -> Path:
+    """A rebuild trains every run afresh: the previous run in the work folder (whose checkpoints the training loop
+    would refuse to overwrite) is removed first. The pairs are kept and reused."""
+    if folder.exists():
+        logger.info("removing the previous run at %s", folder)
+        shutil.rmtree(folder)
+    return folder
+
+
 def train_reward(recipe: str, overrides: list[str]) -> tuple[Any, Any, float]:
-    """`genalign train reward --config RECIPE OVERRIDES...` in process: (trainer, result, seconds)."""
+    """`genalign train reward --config RECIPE OVERRIDES...` in process, in a fresh output_dir: (trainer, result,
+    seconds)."""
     from ..config import load_config
     from ..recipes import recipe_path
     from ..trainers.reward import RewardTrainConfig, RewardTrainer
 
     recipe_file = recipe if Path(recipe).is_file() else str(recipe_path(recipe))
+    fresh_run(Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir="))))
     t0 = time.time()
     trainer = RewardTrainer.from_config(load_config(RewardTrainConfig, recipe_file, overrides))
     result = trainer.train()
@@ -259,7 +270,8 @@ def build_reward_models(out: Path, cfg) -> dict[str, Any]:
         stats["image_pairs"] = pairs
 
         # stage 1: the world CLIP
-        clip_overrides = [f"output_dir={work / 'clip-pretrain'}", *common, *as_overrides(cfg.reward_clip_overrides)]
+        clip_overrides = [f"output_dir={fresh_run(work / 'clip-pretrain')}", *common,
+                          *as_overrides(cfg.reward_clip_overrides)]
         t0 = time.time()
         clip_trainer = CLIPPretrainTrainer.from_config(
             load_config(CLIPPretrainConfig, recipe_path(cfg.reward_clip_recipe), clip_overrides))
