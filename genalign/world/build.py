@@ -331,26 +331,6 @@ LATENT_REWARD_MAX_BYTES = 2_000_000  # the shipped noise-aware model must stay s
 LATENT_REWARD_CLEAN_MAX_BYTES = 1_000_000  # the clean ablation is shipped only below this
 
 
-def make_world_pairs(model_dir: Path, num_pairs: int, split: str, seed: int, out: Path, noise: float = 0.10,
-                     tie_margin: float = 0.05) -> Path:
-    """Labelled image pairs of a world image model, exactly as `genalign world pairs --kind image --num-pairs N
-    --split SPLIT --seed S --out OUT --model MODEL_DIR` writes them (same prompts, seeds and annotators)."""
-    import random
-
-    from ..models import load_adapter
-    from . import resolve_model
-    from .annotators import Annotator, make_preference_data
-    from .grammar import image_splits
-
-    path, adapter_kwargs, defaults = resolve_model(str(model_dir), "image")
-    adapter = load_adapter(path, **adapter_kwargs)
-    pool = image_splits().train if split == "train" else image_splits().heldout
-    prompts = [random.Random(seed + i).choice(pool) for i in range(num_pairs)]
-    sampling = {k: defaults[k] for k in ("num_steps", "guidance_scale", "height", "width")}
-    return make_preference_data(adapter, "image", prompts, out, Annotator(tie_margin=tie_margin, noise=noise, seed=seed),
-                                seed=seed, **sampling)
-
-
 def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
@@ -370,6 +350,7 @@ def build_latent_reward(out: Path, cfg: BuildConfig) -> dict:
     from ..recipes import recipe_path
     from ..trainers.latent_reward import LatentRewardTrainConfig, LatentRewardTrainer
     from . import ASSETS, LATENT_REWARD_DIRS
+    from .reward_build import make_pairs
 
     command = "genalign world build --only latent-reward"
     defaults = BuildConfig()
@@ -393,7 +374,7 @@ def build_latent_reward(out: Path, cfg: BuildConfig) -> dict:
         t0, c0 = time.time(), time.process_time()
         reused = parquet.is_file() and _num_rows(parquet) == n
         if not reused:
-            make_world_pairs(model_dir, n, split, seed, folder)
+            make_pairs(model_dir, "image", n, split, seed, folder)
         data[split] = str(parquet)
         stats[f"pairs_{split}"] = {"path": str(parquet), "pairs": n, "seed": seed, "reused": reused,
                                    "seconds": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
