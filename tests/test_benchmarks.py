@@ -112,6 +112,9 @@ def test_flow_dpo_step_cpu_on_sd35m_proportions_and_the_meta_count_agrees_with_t
         assert r["step_s"] > 0 and r["peak_mb"] > 0
         assert r["peak_reset"] or not sys.platform.startswith("linux")  # the peak is that of training, not loading
         assert r["live_peak_mb"] is None or 0 < r["live_peak_mb"] <= r["peak_mb"] * 1.5
+        assert 0 < r["tensor_resting_mb"] < r["tensor_peak_mb"]
+    # kept between steps: the peer's two transformers, text encoders and VAE against genalign's one transformer
+    assert report["results"]["peer"]["tensor_resting_mb"] > 2 * report["results"]["genalign"]["tensor_resting_mb"]
     bench = import_benchmark("flow_dpo_step")
     count = bench.count_two_ways(bench.PROPORTIONED_TRANSFORMER, bench.PROPORTIONED_T5, 64, bench.PROPORTIONED_CLIPS,
                                  16, bench.PROPORTIONED_VAE, pairs=1, resolutions=(256,))["resolutions"][256]
