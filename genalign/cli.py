@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -296,7 +295,7 @@ def cmd_world_pairs(args) -> int:
     k = args.samples_per_prompt
     if k < 2:
         raise SystemExit(f"error: --samples-per-prompt must be at least 2 (a pair), got {k}")
-    prompts = pair_prompts(kind, args.split, math.ceil(args.num_pairs / (k * (k - 1) // 2)), args.seed)
+    prompts = pair_prompts(kind, args.split, args.num_pairs, args.seed, samples_per_prompt=k)
     kw = _sampling_kwargs(args, defaults, adapter)
     kw.update(_guidance(args, adapter, kw))
     out = make_preference_data(adapter, kind, prompts, args.out, annotator, seed=args.seed, samples_per_prompt=k,

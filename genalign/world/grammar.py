@@ -13,6 +13,7 @@ Video prompts: "red circle moving left" (directions: left, right, up, down, stil
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -153,11 +154,13 @@ def split_prompts(kind: str, split: str) -> list[str]:
     return splits.train if split == "train" else splits.heldout
 
 
-def pair_prompts(kind: str, split: str, n: int, seed: int) -> list[str]:
-    """The prompts of `genalign world pairs`: pair i's prompt is `Random(seed + i).choice(<kind's split>)`, so a
-    larger run with the same seed starts with the pairs of a smaller one."""
+def pair_prompts(kind: str, split: str, n: int, seed: int, samples_per_prompt: int = 2) -> list[str]:
+    """The prompts of `genalign world pairs` for n pairs: prompt i is `Random(seed + i).choice(<kind's split>)`, so a
+    larger run with the same seed starts with the pairs of a smaller one. With K samples per prompt, every two of
+    them a pair, n pairs take ceil(n / (K (K - 1) / 2)) prompts."""
     pool = split_prompts(kind, split)
-    return [random.Random(seed + i).choice(pool) for i in range(n)]
+    count = math.ceil(n / math.comb(samples_per_prompt, 2))
+    return [random.Random(seed + i).choice(pool) for i in range(count)]
 
 
 def heldout_eval_prompts(kind: str = "image", n: int = 64, seed: int = 0) -> list[str]:

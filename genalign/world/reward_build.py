@@ -51,7 +51,7 @@ def make_pairs(model_dir: Path, kind: str, num_pairs: int, split: str, seed: int
 
     path, adapter_kwargs, defaults = resolve_model(str(model_dir), kind)
     adapter = load_adapter(path, **adapter_kwargs)
-    prompts = pair_prompts(kind, split, math.ceil(num_pairs / math.comb(samples_per_prompt, 2)), seed)
+    prompts = pair_prompts(kind, split, num_pairs, seed, samples_per_prompt)
     keys = ("num_steps", "guidance_scale", "height", "width") + (("num_frames",) if kind == "video" else ())
     sampling = {k: defaults[k] for k in keys}
     return make_preference_data(adapter, kind, prompts, out, Annotator(tie_margin=tie_margin, noise=noise, seed=seed),
