@@ -875,7 +875,7 @@ def measure(variant: str, model_dir: str, args) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def live_ratio(result: dict, peer: dict, key: str) -> float | None:
+def peak_ratio(result: dict, peer: dict, key: str) -> float | None:
     return result[key] / peer[key] if result.get(key) and peer.get(key) else None
 
 
@@ -901,10 +901,10 @@ def cpu_main(args) -> None:
         "memory_ratio": {v: results[v]["peak_mb"] / p["peak_mb"] for v in names[1:]},
         # the same on live memory (malloc's bytes in use, without what glibc keeps after frees; None off glibc):
         # over the timed steps, as the GPU figures' max_memory_allocated, and over the whole run (compilation too)
-        "live_memory_ratio": {v: live_ratio(results[v], p, "live_peak_mb") for v in names[1:]},
-        "live_memory_ratio_run": {v: live_ratio(results[v], p, "live_peak_run_mb") for v in names[1:]},
+        "live_memory_ratio": {v: peak_ratio(results[v], p, "live_peak_mb") for v in names[1:]},
+        "live_memory_ratio_run": {v: peak_ratio(results[v], p, "live_peak_run_mb") for v in names[1:]},
         # tensor memory (resident tensors + the rise of one step's tensors): what max_memory_allocated counts
-        "tensor_memory_ratio": {v: live_ratio(results[v], p, "tensor_peak_mb") for v in names[1:]},
+        "tensor_memory_ratio": {v: peak_ratio(results[v], p, "tensor_peak_mb") for v in names[1:]},
         # On a compute-bound CPU an eager step cannot get faster than its share of the arithmetic: this is the
         # bound on the eager `speedup` that batching and the cache alone can reach.
         "arithmetic_ratio": p["gflop_per_step"] / results["genalign"]["gflop_per_step"],
