@@ -222,6 +222,7 @@ class HeapPeak:
     def __enter__(self):
         self.peak = self.run_peak = heap_in_use_mb()
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # a restart must not be overwritten by a sample taken before it
         if self.peak is not None:
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -229,12 +230,14 @@ class HeapPeak:
 
     def _sample(self):
         while not self._stop.wait(0.002):
-            self.peak = max(self.peak, heap_in_use_mb())
+            with self._lock:
+                self.peak = max(self.peak, heap_in_use_mb())
 
     def restart(self) -> None:
         if self.peak is not None:
-            self.run_peak = max(self.run_peak, self.peak)
-            self.peak = heap_in_use_mb()
+            with self._lock:
+                self.run_peak = max(self.run_peak, self.peak)
+                self.peak = heap_in_use_mb()
 
     def above(self, baseline: float | None, whole_run: bool = False) -> float | None:
         """The peak's rise over `baseline` (MB), since the last restart or `whole_run`; None off glibc."""
