@@ -219,7 +219,7 @@ class DemoModel:
         if model is None or model in WORLD_MODEL_NAMES:
             # A world model comes with what the world build shipped for it: the aligned LoRA, the learned reward
             # (scores only) and the noise-aware latent reward (NRG sliders; its scale starts at 0).
-            kind = WORLD_MODEL_NAMES.get(model or "world", "image")
+            kind = WORLD_MODEL_NAMES.get(model or "world") or "image"
             shipped = {"loras": lambda: [str(aligned_lora_path(kind))], "reward": lambda: str(reward_model_path(kind)),
                        "nrg_reward": lambda: str(latent_reward_path(kind))}
             given = {"loras": loras, "reward": reward, "nrg_reward": nrg_reward}

@@ -113,11 +113,13 @@ def test_world_pairs_writes_pickapic_parquet_readable_by_the_data_reader(tmp_pat
     assert pair.media_a.shape == (32, 32, 3) and pair.label in (0.0, 0.5, 1.0)
 
 
-def test_world_pairs_with_k_samples_per_prompt_pair_every_two_of_a_prompts_samples(tmp_path):
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_world_pairs_with_k_samples_per_prompt_pair_every_two_of_a_prompts_samples(tmp_path, kind):
     """--samples-per-prompt 3: 3 pairs per prompt (0-1, 0-2, 1-2) from the same 3 samples `genalign eval`'s
-    sampler draws for those prompts, cut at --num-pairs; labels are the clean annotator's on the oracle."""
-    genalign("world", "pairs", "--num-pairs", "5", "--samples-per-prompt", "3", "--steps", "4", "--noise", "0",
-             "--out", tmp_path)
+    sampler draws for those prompts, cut at --num-pairs; labels are the clean annotator's on the oracle. Video: each
+    clip is written once, however many pairs it is in."""
+    genalign("world", "pairs", "--kind", kind, "--num-pairs", "5", "--samples-per-prompt", "3", "--steps", "4",
+             "--noise", "0", "--out", tmp_path)
     from genalign.cli import load_model
     from genalign.data import load_preference_pairs
     from genalign.eval.oracle_eval import generate
@@ -125,21 +127,29 @@ def test_world_pairs_with_k_samples_per_prompt_pair_every_two_of_a_prompts_sampl
     from genalign.world.grammar import pair_prompts
     from genalign.world.oracle import judge
 
-    ds = load_preference_pairs(tmp_path / "pairs.parquet", tie_policy="half")
+    ds = load_preference_pairs(tmp_path / ("pairs.parquet" if kind == "image" else "pairs.csv"), tie_policy="half")
     assert len(ds) == 5
-    prompts = pair_prompts("image", "train", 2, 0)  # ceil(5 / 3) prompts
-    adapter, defaults, _, _ = load_model("world", "image", [])
-    samples, _ = generate(adapter, prompts, 3, seed=0, progress=False, num_steps=4,
-                          guidance_scale=defaults["guidance_scale"], height=defaults["height"], width=defaults["width"])
+    prompts = pair_prompts(kind, "train", 2, 0)  # ceil(5 / 3) prompts
+    adapter, defaults, _, _ = load_model("world", kind, [])
+    sampling = {k: defaults[k] for k in ("guidance_scale", "height", "width")}
+    if kind == "video":
+        sampling["num_frames"] = defaults.get("num_frames", 17)  # the CLI's default
+    samples, _ = generate(adapter, prompts, 3, seed=0, progress=False, num_steps=4, **sampling)
     expected = [(0, 1), (0, 2), (1, 2), (3, 4), (3, 5)]
     for row, (i, j) in enumerate(expected):
         pair = ds[row]
         assert pair.prompt == prompts[i // 3]
         np.testing.assert_array_equal(pair.media_a, samples[i])
         np.testing.assert_array_equal(pair.media_b, samples[j])
-        sa = overall_image_score(judge(samples[i], pair.prompt).as_dict())
-        sb = overall_image_score(judge(samples[j], pair.prompt).as_dict())
-        assert pair.label == (0.5 if abs(sa - sb) < 0.05 else float(sa > sb))
+        ja, jb = judge(samples[i], pair.prompt).as_dict(), judge(samples[j], pair.prompt).as_dict()
+        if kind == "image":
+            sa, sb = overall_image_score(ja), overall_image_score(jb)
+            assert pair.label == (0.5 if abs(sa - sb) < 0.05 else float(sa > sb))
+        else:
+            for d in ("VQ", "MQ", "TA"):
+                assert pair.labels[d] == (0.5 if abs(ja[d] - jb[d]) < 0.05 else float(ja[d] > jb[d]))
+    if kind == "video":  # 6 samples, 6 files: sample 0 is in two pairs and written once
+        assert sorted(f.name for f in (tmp_path / "videos").iterdir()) == [f"pair-sample{n:05d}.mp4" for n in range(6)]
     bad = genalign("world", "pairs", "--samples-per-prompt", "1", "--out", tmp_path / "b", check=False)
     assert bad.returncode != 0 and "--samples-per-prompt" in bad.stderr
 
@@ -221,6 +231,17 @@ def test_train_flow_dpo_from_the_cli_and_resume(tmp_path):
     genalign(*args, "max_steps=4", "--resume", "latest")
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_world_model_names_follow_kind_unless_they_name_one():
+    """--model world, like no --model, is the world model of --kind; world-image / world-video name one model."""
+    from genalign.world import resolve_model, world_model_path
+
+    image, video = str(world_model_path("image")), str(world_model_path("video"))
+    assert resolve_model(None, "video")[0] == resolve_model("world", "video")[0] == video
+    assert resolve_model(None)[0] == resolve_model("world")[0] == resolve_model("world", "image")[0] == image
+    assert resolve_model("world-image", "video")[0] == image and resolve_model("world-video")[0] == video
+    assert resolve_model("world", "video")[2]["num_steps"] > 0  # the video model's own sampling defaults
 
 
 @pytest.fixture(scope="module")

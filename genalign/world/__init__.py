@@ -91,7 +91,8 @@ def sampling_defaults(model_path: str | Path, kind: str | None = None) -> dict:
     return dict(DEFAULT_SAMPLING.get(kind or "image", DEFAULT_SAMPLING["image"]))
 
 
-WORLD_MODEL_NAMES = {"world": "image", "world-image": "image", "world-video": "video"}
+# "world" (like no --model) follows --kind; the other two name one model whatever the kind
+WORLD_MODEL_NAMES = {"world": None, "world-image": "image", "world-video": "video"}
 
 
 def resolve_model(model: str | None, kind: str | None = None) -> tuple[str, dict, dict]:
@@ -101,7 +102,7 @@ def resolve_model(model: str | None, kind: str | None = None) -> tuple[str, dict
     anything else is a pipeline folder or hub id. A folder's genalign_sampling.json (written with the world's
     models) supplies its sampling defaults and text length."""
     if model is None or model in WORLD_MODEL_NAMES:
-        path = str(world_model_path(WORLD_MODEL_NAMES.get(model, kind or "image")))
+        path = str(world_model_path(WORLD_MODEL_NAMES.get(model) or kind or "image"))
     else:
         path = str(model)
     defaults = sampling_defaults(path, kind) if Path(path).is_dir() else {}

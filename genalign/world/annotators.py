@@ -92,19 +92,28 @@ def write_pickapic_parquet(rows: list[dict], path: str | Path) -> Path:
 
 def label_video_pairs(a: np.ndarray, b: np.ndarray, prompts: list[str], annotator: Annotator, out_dir: str | Path,
                       fps: int = 8, prefix: str = "pair", progress: bool = True,
-                      judgements: list[tuple[dict, dict]] | None = None) -> list[dict]:
-    """Write each clip as MP4 under out_dir/videos and return VideoAlign CSV rows (paths relative to out_dir)."""
+                      judgements: list[tuple[dict, dict]] | None = None,
+                      clip_ids: list[tuple[int, int]] | None = None) -> list[dict]:
+    """Write each clip as MP4 under out_dir/videos and return VideoAlign CSV rows (paths relative to out_dir).
+    `clip_ids`: each pair's two sample numbers, where one sample is in several pairs (K samples per prompt): each
+    sample is then written once, as videos/{prefix}-sample{n}.mp4, and every row it is in names that file."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     rows = []
+    written: set[str] = set()
     pairs = tqdm(enumerate(zip(a, b, prompts)), total=len(prompts), desc="judging and writing clips", mininterval=5,
                  disable=not progress or len(prompts) < 64)  # about 4 pairs/s: thousands take minutes
     for i, (va, vb, p) in pairs:
         ja, jb = judgements[i] if judgements else (judge(va, p).as_dict(), judge(vb, p).as_dict())
-        pa, pb = f"videos/{prefix}{i:05d}_A.mp4", f"videos/{prefix}{i:05d}_B.mp4"
-        write_video(out_dir / pa, va, fps=fps)
-        write_video(out_dir / pb, vb, fps=fps)
+        if clip_ids is None:
+            pa, pb = f"videos/{prefix}{i:05d}_A.mp4", f"videos/{prefix}{i:05d}_B.mp4"
+        else:
+            pa, pb = (f"videos/{prefix}-sample{n:05d}.mp4" for n in clip_ids[i])
+        for path, clip in ((pa, va), (pb, vb)):
+            if path not in written:
+                write_video(out_dir / path, clip, fps=fps)
+                written.add(path)
         row = {"path_A": pa, "path_B": pb, "prompt": p}
         for d in ("VQ", "MQ", "TA"):
             row[d] = annotator.label(ja[d], jb[d])
@@ -216,5 +225,5 @@ def make_preference_data(adapter, kind: str, prompts: list[str], out_dir: str | 
     out_dir = Path(out_dir)
     if kind == "image":
         return write_pickapic_parquet(label_image_pairs(a, b, ps, annotator, judgements), out_dir / "pairs.parquet")
-    rows = label_video_pairs(a, b, ps, annotator, out_dir, progress=progress, judgements=judgements)
+    rows = label_video_pairs(a, b, ps, annotator, out_dir, progress=progress, judgements=judgements, clip_ids=pairs)
     return write_videoalign_csv(rows, out_dir / "pairs.csv")

@@ -304,10 +304,12 @@ def build_reward_models(out: Path, cfg) -> dict[str, Any]:
         model_dir = out / "video-base"
         if not (model_dir / "model_index.json").is_file():
             raise FileNotFoundError(f"no world video model at {model_dir}: build it first (--only video)")
-        pairs = {}
-        for split, n, seed in (("train", cfg.reward_video_pairs, cfg.seed),
-                               ("heldout", cfg.reward_video_heldout_pairs, cfg.seed + 1)):
-            pairs[split] = ensure_pairs(model_dir, "video", n, split, seed, work / f"video-pairs-{split}")
+        k = cfg.reward_video_samples_per_prompt
+        pairs = {"train": ensure_pairs(model_dir, "video", cfg.reward_video_pairs, "train", cfg.seed,
+                                       work / ("video-pairs-train" if k == 2 else f"video-pairs-train-k{k}"),
+                                       samples_per_prompt=k),
+                 "heldout": ensure_pairs(model_dir, "video", cfg.reward_video_heldout_pairs, "heldout", cfg.seed + 1,
+                                         work / "video-pairs-heldout")}
         stats["video_pairs"] = pairs
         if cfg.reward_video_render_pairs:
             stats["video_render_pairs"] = ensure_render_pairs(cfg.reward_video_render_pairs, cfg.seed,
