@@ -83,7 +83,7 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
         shutil.copytree(ASSETS / name, out / name)
     cfg = replace(
         BuildConfig(), reward_image_pairs=6, reward_image_samples_per_prompt=3, reward_image_heldout_pairs=4,
-        reward_video_pairs=4,
+        reward_video_pairs=4, reward_video_samples_per_prompt=3,
         reward_video_heldout_pairs=4, latent_reward_workdir=str(tmp_path / "lr"), reward_workdir=str(tmp_path / "rw"),
         reward_clip_overrides={"max_steps": 2, "batch_size": 4, "pool_groups": 8, "pool_workers": 1,
                                "eval_images": 4, "clip_width": 32, "clip_layers": 1, "clip_heads": 2,
@@ -112,6 +112,10 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
         assert set(stats[f"videoreward_{loss}"]["heldout"]) >= {"VQ", "MQ", "TA"}
         assert "loss=" + loss in stats[f"videoreward_{loss}"]["overrides"]
     # the optional stage 1 on render pairs, then each video model continued from it
+    # video pairs from 3 clips per prompt too: pairs 0-1, 0-2, 1-2, 3-4 of 2 prompts' clips, each written once
+    video_train = stats["video_pairs"]["train"]
+    assert video_train["path"] == str(tmp_path / "rw" / "video-pairs-train-k3" / "pairs.csv")
+    assert len(list((tmp_path / "rw" / "video-pairs-train-k3" / "videos").iterdir())) == 5
     assert stats["video_render_pairs"]["pairs"] == 4 and "--source renders" in stats["video_render_pairs"]["command"]
     for loss in ("btt", "bt"):
         stage1 = stats[f"videoreward_{loss}_renders"]["overrides"]
