@@ -539,6 +539,43 @@ def test_checkpointing_a_share_of_the_blocks_recomputes_those_and_keeps_the_resu
             dpo_config(tmp_path, "bad", checkpoint_share=bad)
 
 
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_checkpointing_feedforwards_recomputes_only_those_and_keeps_the_result(sd3_pipe, tmp_path, share):
+    """checkpoint_unit=feedforward: the chosen blocks' FeedForward modules run again in the backward pass, the
+    blocks themselves (and the other blocks' feed-forwards) do not; the trained weights equal an unchecked run's."""
+    from genalign.trainers.loop import checkpointable_blocks, evenly_spread, feedforward_modules
+
+    def forwards(trainer):
+        blocks = checkpointable_blocks(trainer.adapter.denoiser)
+        watched = [(i, m) for i, b in enumerate(blocks) for m in [b, *feedforward_modules(b)]]
+        calls = [0] * len(watched)
+        # a recomputation calls the checkpointed module's forward directly, its submodules as modules: hook those
+        hooks = [(m.net[0] if type(m).__name__ == "FeedForward" else m).register_forward_pre_hook(
+                 lambda *_, k=k: calls.__setitem__(k, calls[k] + 1)) for k, (_, m) in enumerate(watched)]
+        loss, _ = trainer.compute_loss(trainer.collate_fn(separable_pairs(4)))
+        loss.backward()
+        for h in hooks:
+            h.remove()
+        return [(i, type(m).__name__, n) for (i, m), n in zip(watched, calls)]
+
+    plain = FlowDPOTrainer(sd3_adapter(sd3_pipe), dpo_config(tmp_path, "plain", max_steps=2), separable_pairs(8))
+    ff = FlowDPOTrainer(sd3_adapter(sd3_pipe), dpo_config(tmp_path, f"ff-{share}", max_steps=2, checkpoint_share=share,
+                                                         gradient_checkpointing=True, checkpoint_unit="feedforward"),
+                        separable_pairs(8))
+    base, checked = forwards(plain), forwards(ff)
+    n = len(checkpointable_blocks(plain.adapter.denoiser))
+    chosen = evenly_spread(n, share)
+    assert {kind for _, kind, _ in base} == {"JointTransformerBlock", "FeedForward"} and {c for *_, c in base} == {2}
+    expected = [(i, kind, 2 + (kind == "FeedForward" and i in chosen)) for i, kind, _ in base]
+    assert checked == expected and any(c == 3 for *_, c in checked)
+    for t in (plain, ff):
+        t.model.zero_grad(set_to_none=True)
+        t.train()
+    assert max_diff(weights(plain), weights(ff)) <= 1e-6
+    with pytest.raises(ConfigError, match="checkpoint_unit"):
+        dpo_config(tmp_path, "bad", checkpoint_unit="layer")
+
+
 def test_bf16_keeps_the_lora_in_float32(sd3_pipe, tmp_path):
     cfg = dpo_config(tmp_path, "bf16", mixed_precision="bf16", max_steps=2)
     trainer = FlowDPOTrainer(sd3_adapter(sd3_pipe), cfg, separable_pairs(8))

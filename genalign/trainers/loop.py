@@ -84,6 +84,9 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, slower)")
     checkpoint_share: float = option(1.0, "with gradient_checkpointing: the share of a diffusers network's blocks "
                                           "checkpointed, evenly spread (1: all; 0.5: every other block)")
+    checkpoint_unit: str = option("block", "with gradient_checkpointing: what a chosen block recomputes: block (all "
+                                           "of it) | feedforward (only its feed-forward networks: their 4x-wide "
+                                           "hidden activations for 5% more arithmetic; diffusers models)")
     attention_backend: str = option("sdpa", "sdpa (PyTorch, default) | xformers (used only if it loads; else SDPA with a warning)")
     compile: str = option("no", "torch.compile the trained network: no | blocks (each transformer block; compiles "
                                 "once per block kind) | full (the whole network: the fastest measured at 512 px)")
@@ -130,6 +133,8 @@ class TrainConfig:
             bad("compile_memory_budget", f"must be in [0, 1], got {self.compile_memory_budget}")
         if not 0 < self.checkpoint_share <= 1:
             bad("checkpoint_share", f"must be in (0, 1], got {self.checkpoint_share}")
+        if self.checkpoint_unit not in CHECKPOINT_UNITS:
+            bad("checkpoint_unit", f"must be one of {', '.join(CHECKPOINT_UNITS)}, got {self.checkpoint_unit!r}")
         if self.max_nonfinite_in_a_row < 1:
             bad("max_nonfinite_in_a_row", f"must be >= 1, got {self.max_nonfinite_in_a_row}")
         trackers_from_config(self.report_to, check_installed=False)
@@ -342,11 +347,54 @@ def evenly_spread(n: int, share: float) -> list[int]:
     return [i for i in range(n) if (i + 1) * k // n > i * k // n]
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module, share: float = 1.0) -> None:
-    """Activation checkpointing of `share` of the model's blocks, evenly spread: those are recomputed in the
-    backward pass, the others keep their activations (memory and time in between all and none)."""
+CHECKPOINT_UNITS = ("block", "feedforward")
+
+
+def feedforward_modules(block: torch.nn.Module) -> list[torch.nn.Module]:
+    """The feed-forward networks in a block: diffusers' FeedForward (SD3's ff / ff_context, FLUX's double-stream
+    blocks, Wan's ffn, the UNet transformer blocks' ff). FLUX's single-stream blocks fuse theirs: none there."""
+    from diffusers.models.attention import FeedForward
+
+    return [m for m in block.modules() if isinstance(m, FeedForward)]
+
+
+def checkpoint_forward(module: torch.nn.Module) -> None:
+    """Run `module`'s forward under activation checkpointing when gradients are on: it keeps only its inputs for
+    the backward pass and runs again there. (No-grad forwards, such as the reference's, run as they are.)"""
     from torch.utils.checkpoint import checkpoint
 
+    forward = module.forward
+
+    def checkpointed_forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    module.forward = checkpointed_forward
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, share: float = 1.0, unit: str = "block") -> None:
+    """Activation checkpointing of `share` of the model's blocks, evenly spread: those are recomputed in the
+    backward pass, the others keep their activations (memory and time in between all and none).
+
+    unit "feedforward": of each chosen block only the feed-forward networks. Their hidden activations are 4x the
+    model width, the largest saved tensors of an SD3 block (a fifth of a Flow-DPO step's), while redoing their
+    first matmul adds 5.5% to the step's arithmetic (benchmarks/flow_dpo_step.py, SD3.5-medium's proportions)."""
+    from torch.utils.checkpoint import checkpoint
+
+    if unit == "feedforward":
+        if not hasattr(model, "enable_gradient_checkpointing"):
+            raise ConfigError(f"config key 'checkpoint_unit': feedforward is for diffusers models, not "
+                              f"{type(model).__name__}")
+        blocks = checkpointable_blocks(model)
+        chosen = [feedforward_modules(blocks[i]) for i in evenly_spread(len(blocks), share)]
+        if not any(chosen):
+            raise ConfigError(f"config key 'checkpoint_unit': {type(model).__name__}'s blocks have no diffusers "
+                              "FeedForward modules; use checkpoint_unit=block")
+        for modules in chosen:
+            for module in modules:
+                checkpoint_forward(module)
+        return
     if hasattr(model, "enable_gradient_checkpointing"):  # diffusers ModelMixin
         blocks = checkpointable_blocks(model)
         chosen = set(evenly_spread(len(blocks), share))
@@ -481,7 +529,7 @@ class Trainer:
         set_seed(config.seed)  # before prepare_model: adapter initialisation is seeded
         self.prepare_model()
         if config.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model, config.checkpoint_share)
+            enable_gradient_checkpointing(self.model, config.checkpoint_share, config.checkpoint_unit)
         self.attention_backend = configure_attention(self.model, config.attention_backend)
 
         self.named_trainable = self.trainable_parameters()
