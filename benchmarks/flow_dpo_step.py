@@ -321,6 +321,12 @@ GENALIGN_CPU_VARIANTS = {
     "genalign_compile_ckpt_third": {"compile": "full", "gradient_checkpointing": True, "checkpoint_share": 1 / 3},
     "genalign_ckpt_ff": {"gradient_checkpointing": True, "checkpoint_unit": "feedforward"},
     "genalign_compile_ckpt_ff": {"compile": "full", "gradient_checkpointing": True, "checkpoint_unit": "feedforward"},
+    "genalign_qk": {"recompute_attention_inputs": True},
+    "genalign_compile_qk": {"compile": "full", "recompute_attention_inputs": True},
+    "genalign_ckpt_ff_qk": {"gradient_checkpointing": True, "checkpoint_unit": "feedforward",
+                            "recompute_attention_inputs": True},
+    "genalign_compile_ckpt_ff_qk": {"compile": "full", "gradient_checkpointing": True,
+                                    "checkpoint_unit": "feedforward", "recompute_attention_inputs": True},
     "genalign_compile_budget50": {"compile": "full", "compile_memory_budget": 0.5},
     "genalign_compile_budget30": {"compile": "full", "compile_memory_budget": 0.3},
 }
@@ -478,6 +484,8 @@ VARIANTS = {
     "ckpt_half": {"ckpt": True, "share": 0.5},  # checkpoint_share=0.5: every other block
     "compile_full_budget50": {"compile": "full", "budget": 0.5},  # compile_memory_budget=0.5
     "compile_full_ckpt_ff": {"compile": "full", "ckpt": True, "unit": "feedforward"},  # checkpoint_unit=feedforward
+    # and recompute_attention_inputs=True
+    "compile_full_ckpt_ff_qk": {"compile": "full", "ckpt": True, "unit": "feedforward", "qk": True},
 }
 # run in this order (cheap and certain first: a run cut short by a timeout still has the baselines)
 QUICK_PLAN = [("eager", 512), ("eager", 1024), ("ckpt", 1024), ("raw", 512), ("compile", 512), ("compile", 1024),
@@ -559,7 +567,8 @@ def run_scale_variant(name: str, px: int, cfg: dict, args, device, tokens: int, 
     config = FlowDPOConfig(output_dir=tempfile.mkdtemp(prefix="flow-dpo-bench-"), max_steps=10**6,
                            batch_size=args.pairs, lr=1e-4, lora_rank=16, mixed_precision="bf16",
                            gradient_checkpointing=bool(spec.get("ckpt")), checkpoint_share=spec.get("share", 1.0),
-                           checkpoint_unit=spec.get("unit", "block"), report_to="none", progress_bar=False, checkpoint_every=0, log_every=10**6, seed=args.seed)
+                           checkpoint_unit=spec.get("unit", "block"),
+                           recompute_attention_inputs=bool(spec.get("qk")), report_to="none", progress_bar=False, checkpoint_every=0, log_every=10**6, seed=args.seed)
     trainer = FlowDPOTrainer(adapter, config, data)
     build_s = time.perf_counter() - t0
     batches = trainer._batch_stream(0)
@@ -609,7 +618,7 @@ def run_scale_variant(name: str, px: int, cfg: dict, args, device, tokens: int, 
         "transformer_params": sum(p.numel() for p in adapter.denoiser.parameters()),
         "lora_params": sum(p.numel() for _, p in trainer.named_trainable),
         "gradient_checkpointing": bool(spec.get("ckpt")), "checkpoint_share": spec.get("share", 1.0),
-        "checkpoint_unit": spec.get("unit", "block"),
+        "checkpoint_unit": spec.get("unit", "block"), "recompute_attention_inputs": bool(spec.get("qk")),
         "compile": spec.get("compile"), "compile_memory_budget": spec.get("budget", 1.0),
     }
 

@@ -576,6 +576,22 @@ def test_checkpointing_feedforwards_recomputes_only_those_and_keeps_the_result(s
         dpo_config(tmp_path, "bad", checkpoint_unit="layer")
 
 
+def test_recompute_attention_inputs_trains_the_same_weights(sd3_pipe, tmp_path):
+    """recompute_attention_inputs: SD3's attention processors swapped for genalign.models.attention's, the same
+    trained weights as a plain run (with feed-forward checkpointing too: the setting the benchmark measures)."""
+    from genalign.models.attention import RecomputedInputsJointAttnProcessor
+
+    plain = FlowDPOTrainer(sd3_adapter(sd3_pipe), dpo_config(tmp_path, "plain", max_steps=2), separable_pairs(8))
+    lean = FlowDPOTrainer(sd3_adapter(sd3_pipe), dpo_config(tmp_path, "lean", max_steps=2, recompute_attention_inputs=True,
+                                                           gradient_checkpointing=True, checkpoint_unit="feedforward"),
+                          separable_pairs(8))
+    processors = [m.processor for m in lean.adapter.denoiser.modules() if hasattr(m, "set_processor")]
+    assert processors and all(isinstance(p, RecomputedInputsJointAttnProcessor) for p in processors)
+    for t in (plain, lean):
+        t.train()
+    assert max_diff(weights(plain), weights(lean)) <= 1e-6
+
+
 def test_bf16_keeps_the_lora_in_float32(sd3_pipe, tmp_path):
     cfg = dpo_config(tmp_path, "bf16", mixed_precision="bf16", max_steps=2)
     trainer = FlowDPOTrainer(sd3_adapter(sd3_pipe), cfg, separable_pairs(8))

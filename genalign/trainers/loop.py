@@ -87,6 +87,9 @@ class TrainConfig:
     checkpoint_unit: str = option("block", "with gradient_checkpointing: what a chosen block recomputes: block (all "
                                            "of it) | feedforward (only its feed-forward networks: their 4x-wide "
                                            "hidden activations for 5% more arithmetic; diffusers models)")
+    recompute_attention_inputs: bool = option(False, "rebuild SDPA's normalised, concatenated q / k / v in the "
+                                                     "backward pass instead of keeping them (elementwise work; "
+                                                     "SD3 / SD3.5; genalign.models.attention)")
     attention_backend: str = option("sdpa", "sdpa (PyTorch, default) | xformers (used only if it loads; else SDPA with a warning)")
     compile: str = option("no", "torch.compile the trained network: no | blocks (each transformer block; compiles "
                                 "once per block kind) | full (the whole network: the fastest measured at 512 px)")
@@ -531,6 +534,12 @@ class Trainer:
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.model, config.checkpoint_share, config.checkpoint_unit)
         self.attention_backend = configure_attention(self.model, config.attention_backend)
+        if config.recompute_attention_inputs:
+            if self.attention_backend != "sdpa":
+                raise ConfigError("config key 'recompute_attention_inputs': needs attention_backend=sdpa")
+            from ..models.attention import recompute_attention_inputs
+
+            recompute_attention_inputs(self.model)
 
         self.named_trainable = self.trainable_parameters()
         if not self.named_trainable:
