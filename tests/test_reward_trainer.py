@@ -276,9 +276,26 @@ def test_preloading_video_pairs_in_threads_keeps_order_and_names_a_broken_file(v
     dataset = load_preference_pairs(str(videoalign), tie_policy="half")
     threaded, sequential = PreloadedPairs(dataset, workers=3).pairs, PreloadedPairs(dataset, workers=1).pairs
     assert [p.source for p in threaded] == [dataset.record_info(i)["source"] for i in range(len(dataset))]
-    for a, b in zip(threaded, sequential):
+    for i, (a, b) in enumerate(zip(threaded, sequential)):
         assert a.prompt == b.prompt and a.labels == b.labels
         assert np.array_equal(a.media_a, b.media_a) and np.array_equal(a.media_b, b.media_b)
+        assert np.array_equal(a.media_a, dataset[i].media_a) and np.array_equal(a.media_b, dataset[i].media_b)
+    # clips named by several rows (K samples per prompt): each file decoded once, the rows share it
+    import csv
+
+    rows = list(csv.DictReader(open(videoalign, newline="")))[:3]
+    shared = [rows[0], {**rows[1], "path_A": rows[0]["path_A"]}, {**rows[2], "path_A": rows[0]["path_B"],
+                                                                   "path_B": rows[0]["path_A"]}]
+    with open(videoalign.parent / "shared.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(shared)
+    reused = load_preference_pairs(str(videoalign.parent / "shared.csv"), tie_policy="half")
+    preloaded = PreloadedPairs(reused, workers=2)
+    assert preloaded.files_decoded == 3  # 6 media, 3 files
+    for i, pair in enumerate(preloaded.pairs):
+        assert np.array_equal(pair.media_a, reused[i].media_a) and np.array_equal(pair.media_b, reused[i].media_b)
+    assert preloaded.pairs[2].media_b is preloaded.pairs[0].media_a
     # a clip that became unreadable after the CSV was checked: the load stops with the row and column
     root = tmp_path / "copy"
     shutil.copytree(videoalign.parent, root)

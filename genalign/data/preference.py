@@ -277,27 +277,23 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> PreferencePair:
         r = self.records[i]
-        media = []
-        for ref in (r.a, r.b):
-            try:
-                media.append(ref.load())
-            except Exception as e:
-                raise DataError(
-                    f"cannot read media ({type(e).__name__}: {e})",
-                    file=r.file,
-                    row=r.row,
-                    line=r.line,
-                    column=ref.column,
-                ) from e
-        return PreferencePair(
-            r.prompt,
-            media[0],
-            media[1],
-            r.label,
-            dict(r.labels) if r.labels else None,
-            r.source,
-            dict(r.meta),
-        )
+        return self.pair_with_media(i, self.load_medium(i, r.a), self.load_medium(i, r.b))
+
+    def load_medium(self, i: int, ref: _Ref) -> np.ndarray:
+        """Decode one medium of pair i (`ref` is its `.a` or `.b`); a failure names the file, row and column."""
+        r = self.records[i]
+        try:
+            return ref.load()
+        except Exception as e:
+            raise DataError(
+                f"cannot read media ({type(e).__name__}: {e})", file=r.file, row=r.row, line=r.line, column=ref.column
+            ) from e
+
+    def pair_with_media(self, i: int, media_a: np.ndarray, media_b: np.ndarray) -> PreferencePair:
+        """Pair i with its media already decoded (as `dataset[i]` returns it)."""
+        r = self.records[i]
+        return PreferencePair(r.prompt, media_a, media_b, r.label, dict(r.labels) if r.labels else None, r.source,
+                              dict(r.meta))
 
     def record_info(self, i: int) -> dict[str, Any]:
         r = self.records[i]

@@ -283,9 +283,11 @@ def set_clip_trainable(model, train_vision: bool, train_text: bool) -> None:
 class PreloadedPairs(torch.utils.data.Dataset):
     """Every pair of a dataset decoded once and kept in memory.
 
-    When every medium is a file of its own (VideoAlign CSV rows, folder layouts), `workers` threads decode them:
-    an MP4 is decoded by an ffmpeg process per file, so threads overlap the process start-ups (about 2x on 2 cores).
-    Media inside a parquet file are read in order by one thread (its reader keeps one row group at a time)."""
+    When every medium is a file of its own (VideoAlign CSV rows, folder layouts), each file is decoded once, however
+    many pairs name it (K samples per prompt make K - 1 pairs of each), and the pairs share the arrays; `workers`
+    threads decode them: an MP4 is decoded by an ffmpeg process per file, so threads overlap the process start-ups
+    (about 2x on 2 cores). Media inside a parquet file are read in order by one thread (its reader keeps one row
+    group at a time)."""
 
     def __init__(self, dataset, workers: int | None = None):
         from concurrent.futures import ThreadPoolExecutor
@@ -294,8 +296,28 @@ class PreloadedPairs(torch.utils.data.Dataset):
 
         self.source = getattr(dataset, "source", "")
         records = getattr(dataset, "records", None)
-        own_files = bool(records) and all(r.a.path is not None and r.b.path is not None for r in records)
+        own_files = (bool(records) and hasattr(dataset, "pair_with_media")
+                     and all(r.a.path is not None and r.b.path is not None for r in records))
         workers = workers if workers is not None else min(8, 2 * (os.cpu_count() or 1))
+        if own_files:
+            first_use = {}  # file -> (the first pair naming it, its reference there)
+            for i, r in enumerate(records):
+                for ref in (r.a, r.b):
+                    first_use.setdefault(ref.path, (i, ref))
+            progress = tqdm(total=len(first_use), desc="decoding media files", mininterval=2,
+                            disable=len(first_use) < 256)
+
+            def decode_file(use):
+                medium = dataset.load_medium(*use)
+                progress.update()
+                return medium
+
+            with ThreadPoolExecutor(max(1, workers)) as pool:  # in order; the first error is raised
+                media = dict(zip(first_use, pool.map(decode_file, first_use.values())))
+            progress.close()
+            self.pairs = [dataset.pair_with_media(i, media[r.a.path], media[r.b.path]) for i, r in enumerate(records)]
+            self.files_decoded = len(media)
+            return
         progress = tqdm(total=len(dataset), desc="decoding pairs", mininterval=2, disable=len(dataset) < 256)
 
         def decode(i):
@@ -303,12 +325,9 @@ class PreloadedPairs(torch.utils.data.Dataset):
             progress.update()
             return pair
 
-        if own_files and workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                self.pairs = list(pool.map(decode, range(len(dataset))))  # in order; the first error is raised
-        else:
-            self.pairs = [decode(i) for i in range(len(dataset))]
+        self.pairs = [decode(i) for i in range(len(dataset))]
         progress.close()
+        self.files_decoded = None  # media inside a store, read in order
 
     def __len__(self) -> int:
         return len(self.pairs)
