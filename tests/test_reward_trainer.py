@@ -283,7 +283,8 @@ def test_preloading_video_pairs_in_threads_keeps_order_and_names_a_broken_file(v
     # clips named by several rows (K samples per prompt): each file decoded once, the rows share it
     import csv
 
-    rows = list(csv.DictReader(open(videoalign, newline="")))[:3]
+    with open(videoalign, newline="") as f:
+        rows = list(csv.DictReader(f))[:3]
     shared = [rows[0], {**rows[1], "path_A": rows[0]["path_A"]}, {**rows[2], "path_A": rows[0]["path_B"],
                                                                    "path_B": rows[0]["path_A"]}]
     with open(videoalign.parent / "shared.csv", "w", newline="") as f:
