@@ -105,9 +105,14 @@ def test_flow_dpo_step_cpu_on_sd35m_proportions_and_the_meta_count_agrees_with_t
     FLOPs counted on the real trainer's step and on the peer's equal the meta-device count of the same configs
     (`count_two_ways`, the method behind --count-real-size), so that count can stand for the real model's."""
     run_script("flow_dpo_step.py", "--model", "sd35m-proportions", "--pairs", "1", "--steps", "3", "--warmup", "1",
-               "--variants", "genalign", "--out", str(tmp_path))
+               "--variants", "genalign", "--rounds", "2", "--out", str(tmp_path))
     report = json.loads((tmp_path / "flow_dpo_step_cpu_sd35m-proportions.json").read_text())
     assert report["model"] == "sd35m-proportions" and report["px"] == 256 and set(report["results"]) == {"peer", "genalign"}
+    # two rounds of both ways in turn: the speedup is the median (here: the mean) of the two rounds' ratios
+    times = {v: r["step_s_per_round"] for v, r in report["results"].items()}
+    per_round = [p / g for p, g in zip(times["peer"], times["genalign"])]
+    assert report["speedup_per_round"]["genalign"] == pytest.approx(per_round)
+    assert report["speedup"]["genalign"] == pytest.approx(sum(per_round) / 2)
     for r in report["results"].values():
         assert r["step_s"] > 0 and r["peak_mb"] > 0
         assert r["peak_reset"] or not sys.platform.startswith("linux")  # the peak is that of training, not loading
