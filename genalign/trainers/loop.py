@@ -363,7 +363,8 @@ def feedforward_modules(block: torch.nn.Module) -> list[torch.nn.Module]:
 
 def checkpoint_forward(module: torch.nn.Module) -> None:
     """Run `module`'s forward under activation checkpointing when gradients are on: it keeps only its inputs for
-    the backward pass and runs again there. (No-grad forwards, such as the reference's, run as they are.)"""
+    the backward pass and runs again there. (No-grad forwards, such as the reference's, run as they are.) The
+    wrapper is an attribute of this module object: a deep copy of it would still call the original's forward."""
     from torch.utils.checkpoint import checkpoint
 
     forward = module.forward
