@@ -328,6 +328,8 @@ GENALIGN_CPU_VARIANTS = {
                             "recompute_attention_inputs": True},
     "genalign_compile_ckpt_ff_qk": {"compile": "full", "gradient_checkpointing": True,
                                     "checkpoint_unit": "feedforward", "recompute_attention_inputs": True},
+    "genalign_compile_ckpt_ff_half_qk": {"compile": "full", "gradient_checkpointing": True, "checkpoint_share": 0.5,
+                                         "checkpoint_unit": "feedforward", "recompute_attention_inputs": True},
     "genalign_compile_budget50": {"compile": "full", "compile_memory_budget": 0.5},
     "genalign_compile_budget30": {"compile": "full", "compile_memory_budget": 0.3},
 }
