@@ -80,3 +80,20 @@ def test_other_attention_processors_are_refused_by_name():
         recompute_attention_inputs(flux)
     with pytest.raises(ConfigError, match="no diffusers attention modules"):
         recompute_attention_inputs(torch.nn.Linear(2, 2))
+
+
+def test_on_sdpas_math_path_the_attention_is_kept_not_redone():
+    """SDPA's fallback (and what torch's FLOP counter forces) is its math path, matmuls and a softmax: the
+    processor keeps those too, so the backward redoes no attention arithmetic."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    plain = sd35_like_transformer()
+    lean = copy.deepcopy(plain)
+    recompute_attention_inputs(lean)
+    flops = []
+    for model in (plain, lean):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(*inputs()).sample.square().mean().backward()
+        flops.append(counter.get_total_flops())
+    assert flops[0] == flops[1] > 0

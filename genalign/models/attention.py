@@ -3,10 +3,10 @@
 SD3 / SD3.5's joint attention normalises q and k (RMS norm), concatenates the image and text streams and hands
 the result to SDPA, which keeps its own q, k and v for the backward pass: copies of what the norms already keep
 (their inputs, the projections' outputs). `RecomputedInputsJointAttnProcessor` runs everything between the
-projections and SDPA's output under selective activation checkpointing: SDPA's outputs (and any matmul) are kept,
-the norms, reshapes and concatenation run again in the backward pass. Elementwise work for, on an SD3.5-medium-
-proportioned model, 43 MB of a Flow-DPO step's 299 (benchmarks/flow_dpo_step.py); the result is the same to the
-last bit (tests/test_trainer_loop.py).
+projections and SDPA's output under selective activation checkpointing: the attention's results (fused kernel or
+math path) are kept; the norms, reshapes and concatenation run again in the backward pass. Elementwise work for,
+on an SD3.5-medium-proportioned model, 43 MB of a Flow-DPO step's 299 (benchmarks/flow_dpo_step.py); the same
+outputs and gradients as diffusers' processor (tests/test_models_attention.py).
 """
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from ..config import ConfigError
 
 _ATEN = torch.ops.aten
-# Kept, not recomputed: attention itself (its fused kernels, or the math path's matmuls and softmax) and matmuls.
-# Everything else in the region (norms, views, concatenation, casts) is cheap to run again.
+# Kept, not recomputed: attention itself, its fused kernels or the math path's batched matmuls and softmax (the
+# math path is SDPA's fallback, and what the FLOP counter forces). Everything else in the region (norms, views,
+# concatenation, casts) is cheap to run again.
 _KEPT_OPS = {getattr(_ATEN, name).default for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_fused_attention_overrideable", "bmm", "mm", "addmm", "baddbmm", "_softmax",
+    "_scaled_dot_product_fused_attention_overrideable", "bmm", "baddbmm", "_softmax",
 ) if hasattr(_ATEN, name)}
 
 
