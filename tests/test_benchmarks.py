@@ -158,3 +158,14 @@ def test_rlg_step_times_every_variant_and_checks_rlg_against_the_public_method(t
                                       "d2_genalign_rlg_seq", "d3_rlg_peft_mixed", "e_nrg", "e2_rlg_nrg"}
     assert all(ms > 0 for ms in result["step_ms"].values()) and result["ratio_to_stock_cfg"]["a_stock_cfg"] == 1.0
     assert result["check_public_vs_mixed_rel_maxdiff"] < tolerance
+
+
+def test_memory_tools_world_reports_each_setting_against_plain(tmp_path):
+    out = tmp_path / "mem.json"
+    run_script("memory_tools_world.py", "--kind", "image", "--pairs", "2", "--settings", "plain",
+               "checkpoint_feedforward", "--out", str(out))
+    report = json.loads(out.read_text())
+    plain, ff = report["results"]["plain"], report["results"]["checkpoint_feedforward"]
+    assert plain["resting_mb"] == ff["resting_mb"] > 0  # the same model and LoRA
+    assert plain["peak_ratio"] == 1.0 and 0 < ff["step_rise_mb"] < plain["step_rise_mb"]
+    assert ff["peak_ratio"] == pytest.approx(ff["peak_mb"] / plain["peak_mb"])

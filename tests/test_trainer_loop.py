@@ -339,26 +339,38 @@ def test_flow_dpo_learns_a_separable_pair_set_and_the_lora_loads_in_diffusers(sd
     assert (velocity_probe(SD3Adapter(copy.deepcopy(sd3_pipe))) - v_trained).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("family", ["flux", "wan", "sd"])
-def test_flow_dpo_runs_on_every_adapter_family(family, tmp_path):
-    """FLUX (packed latents), Wan (video latents) and an SD1.5 UNet (epsilon -> velocity): two steps move the
-    LoRA and the saved LoRA loads into the family's stock pipeline."""
-    from genalign.data import PreferencePair
-    from genalign.models import FluxAdapter, UNetAdapter, WanAdapter, tiny
+FAMILY_PIPELINES = {  # family -> (tiny pipeline, adapter class name, adapter kwargs, frames)
+    "flux": ("tiny_flux_pipeline", "FluxAdapter", {"max_sequence_length": 8}, None),
+    "wan": ("tiny_wan_pipeline", "WanAdapter", {"max_sequence_length": 8}, 5),
+    "sd": ("tiny_unet_pipeline", "UNetAdapter", {}, None),
+}
 
-    build, cls, kw, frames = {
-        "flux": (tiny.tiny_flux_pipeline, FluxAdapter, {"max_sequence_length": 8}, None),
-        "wan": (tiny.tiny_wan_pipeline, WanAdapter, {"max_sequence_length": 8}, 5),
-        "sd": (tiny.tiny_unet_pipeline, UNetAdapter, {}, None),
-    }[family]
+
+def family_trainer(family, tmp_path, name="run", **config):
+    """A Flow-DPO trainer (2 steps of 2 pairs) on the family's tiny pipeline; returns (trainer, pipeline builder,
+    adapter class, adapter kwargs, frames)."""
+    from genalign import models
+    from genalign.data import PreferencePair
+    from genalign.models import tiny
+
+    build_name, cls_name, kw, frames = FAMILY_PIPELINES[family]
+    build, cls = getattr(tiny, build_name), getattr(models, cls_name)
 
     def media(rgb):
         return solid(rgb) if frames is None else np.stack([solid(rgb)] * frames)
 
     pairs = [PreferencePair("red circle", media((150 + 9 * i, 20, 20)), media((20, 20, 150 + 9 * i)), float(i % 2))
              for i in range(4)]
-    adapter = cls(build(), **kw)
-    trainer = FlowDPOTrainer(adapter, dpo_config(tmp_path, max_steps=2, batch_size=2), pairs)
+    trainer = FlowDPOTrainer(cls(build(), **kw), dpo_config(tmp_path, name, max_steps=2, batch_size=2, **config), pairs)
+    return trainer, build, cls, kw, frames
+
+
+@pytest.mark.parametrize("family", list(FAMILY_PIPELINES))
+def test_flow_dpo_runs_on_every_adapter_family(family, tmp_path):
+    """FLUX (packed latents), Wan (video latents) and an SD1.5 UNet (epsilon -> velocity): two steps move the
+    LoRA and the saved LoRA loads into the family's stock pipeline."""
+    trainer, build, cls, kw, frames = family_trainer(family, tmp_path)
+    adapter = trainer.adapter
     result = trainer.train()
     logged = read_metrics(trainer.config.output_dir)
     assert logged[0]["loss"] == pytest.approx(np.log(2), abs=1e-6) and logged[1]["loss"] != logged[0]["loss"]
@@ -374,6 +386,18 @@ def test_flow_dpo_runs_on_every_adapter_family(family, tmp_path):
             v_base = adapter.velocity(x, t, adapter.encode_prompt(["red circle"] * 2))
     assert (v_loaded - v_trained).abs().max().item() < 1e-5
     assert (v_base - v_trained).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_recompute_attention_inputs_trains_the_same_weights_on_flux_and_wan(family, tmp_path):
+    """FLUX's and Wan's processors swapped for genalign.models.attention's: the same trained weights."""
+    plain, *_ = family_trainer(family, tmp_path, "plain")
+    lean, *_ = family_trainer(family, tmp_path, "lean", recompute_attention_inputs=True)
+    processors = {type(m.processor).__name__ for m in lean.adapter.denoiser.modules() if hasattr(m, "set_processor")}
+    assert processors == {f"RecomputedInputs{family.capitalize()}AttnProcessor"}
+    for t in (plain, lean):
+        t.train()
+    assert max_diff(weights(plain), weights(lean)) <= 1e-6
 
 
 def test_cached_latents_give_the_same_loss_as_pixels(sd3_pipe, tmp_path):

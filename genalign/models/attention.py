@@ -1,12 +1,20 @@
 """Attention that keeps less for the backward pass: the inputs SDPA would save are rebuilt there instead.
 
-SD3 / SD3.5's joint attention normalises q and k (RMS norm), concatenates the image and text streams and hands
-the result to SDPA, which keeps its own q, k and v for the backward pass: copies of what the norms already keep
-(their inputs, the projections' outputs). `RecomputedInputsJointAttnProcessor` runs everything between the
-projections and SDPA's output under selective activation checkpointing: the attention's results (fused kernel or
-math path) are kept; the norms, reshapes and concatenation run again in the backward pass. Elementwise work for,
-on an SD3.5-medium-proportioned model, 43 MB of a Flow-DPO step's 299 (benchmarks/flow_dpo_step.py); the same
-outputs and gradients as diffusers' processor (tests/test_models_attention.py).
+Diffusion transformers normalise q and k (RMS norm), rotate them (FLUX, Wan: rotary position embeddings) and, in
+joint attention, concatenate the image and text streams before SDPA, which keeps its own q, k and v for the
+backward pass: copies of what the norms already keep (their inputs, the projections' outputs). The processors here
+run everything between the q / k / v projections and SDPA's output under selective activation checkpointing: the
+attention's results (fused kernel or math path) are kept; the norms, reshapes, rotations and concatenation run
+again in the backward pass. Elementwise work for, on an SD3.5-medium-proportioned model, 43 MB of a Flow-DPO
+step's 299 (benchmarks/flow_dpo_step.py). One processor per diffusers processor it stands in for, each the same
+outputs and gradients as the original (tests/test_models_attention.py):
+
+    SD3 / SD3.5   JointAttnProcessor2_0  ->  RecomputedInputsJointAttnProcessor
+    FLUX          FluxAttnProcessor      ->  RecomputedInputsFluxAttnProcessor   (double- and single-stream blocks)
+    Wan 2.1 / 2.2 WanAttnProcessor       ->  RecomputedInputsWanAttnProcessor    (self-, cross- and I2V attention)
+
+The projections stay outside the checkpointed region (re-running them would redo matmuls; their outputs are kept
+anyway, as the norms' inputs), and so do the output projections.
 """
 from __future__ import annotations
 
@@ -65,23 +73,35 @@ def _joint_attention(attn, query, key, value, context_query=None, context_key=No
     return out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
 
 
+def _checkpointed(region, *args):
+    """region(*args), under selective activation checkpointing when gradients are recorded (a no-grad call, such as
+    a reference forward, keeps nothing anyway)."""
+    if not torch.is_grad_enabled():
+        return region(*args)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(region, *args, use_reentrant=False, context_fn=_selective_contexts)
+
+
+def _sdpa(query, key, value, attention_mask=None):
+    """SDPA on (batch, tokens, heads, head_dim) tensors -> (batch, tokens, heads * head_dim), as diffusers'
+    dispatch_attention_fn does with its native backend."""
+    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                         attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).flatten(2, 3)
+
+
 class RecomputedInputsJointAttnProcessor:
     """diffusers' JointAttnProcessor2_0 (SD3 / SD3.5: joint and image-only attention), the same outputs, with
-    SDPA's inputs rebuilt in the backward pass instead of kept (module docstring). No-grad calls run plainly."""
+    SDPA's inputs rebuilt in the backward pass instead of kept (module docstring)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        from torch.utils.checkpoint import checkpoint
-
         image_tokens = hidden_states.shape[1]
         projections = [attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)]
         if encoder_hidden_states is not None:
             projections += [attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
                             attn.add_v_proj(encoder_hidden_states)]
-        if torch.is_grad_enabled():
-            out = checkpoint(_joint_attention, attn, *projections, use_reentrant=False,
-                             context_fn=_selective_contexts)
-        else:
-            out = _joint_attention(attn, *projections)
+        out = _checkpointed(_joint_attention, attn, *projections)
         if encoder_hidden_states is not None:
             out, context_out = out[:, :image_tokens], out[:, image_tokens:]
             if not attn.context_pre_only:
@@ -90,18 +110,114 @@ class RecomputedInputsJointAttnProcessor:
         return (out, context_out) if encoder_hidden_states is not None else out
 
 
-def recompute_attention_inputs(model: torch.nn.Module) -> int:
-    """Give every attention module of an SD3 / SD3.5 transformer the processor above; returns how many. Other
-    attention processors (FLUX's, Wan's, the UNet's) are refused by name: their math differs."""
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
+def _flux_attention(attn, query, key, value, context_query, context_key, context_value, rotary, attention_mask):
+    """diffusers' FluxAttnProcessor from the projections' outputs to the attention's output (text tokens first,
+    then image tokens, in the double-stream blocks)."""
+    from diffusers.models.embeddings import apply_rotary_emb
 
+    def heads(x):
+        return x.unflatten(-1, (-1, attn.head_dim))
+
+    query, key, value = attn.norm_q(heads(query)), attn.norm_k(heads(key)), heads(value)
+    if context_query is not None:
+        query = torch.cat([attn.norm_added_q(heads(context_query)), query], dim=1)
+        key = torch.cat([attn.norm_added_k(heads(context_key)), key], dim=1)
+        value = torch.cat([heads(context_value), value], dim=1)
+    if rotary is not None:
+        query = apply_rotary_emb(query, rotary, sequence_dim=1)
+        key = apply_rotary_emb(key, rotary, sequence_dim=1)
+    return _sdpa(query, key, value, attention_mask).to(query.dtype)
+
+
+class RecomputedInputsFluxAttnProcessor:
+    """diffusers' FluxAttnProcessor (FLUX.1: double-stream joint attention and the single-stream blocks' attention),
+    the same outputs, with SDPA's inputs rebuilt in the backward pass instead of kept (module docstring)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        projections = [attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)]
+        if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+            projections += [attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                            attn.add_v_proj(encoder_hidden_states)]
+        else:
+            projections += [None, None, None]
+        out = _checkpointed(_flux_attention, attn, *projections, image_rotary_emb, attention_mask)
+        if encoder_hidden_states is None:  # single-stream blocks: their own projection follows, outside attention
+            return out
+        context_out, out = out.split_with_sizes([encoder_hidden_states.shape[1],
+                                                 out.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        return out, attn.to_add_out(context_out.contiguous())
+
+
+def _wan_rotary(x, freqs_cos, freqs_sin):
+    """Wan's rotary embedding (interleaved pairs), as WanAttnProcessor applies it inline."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def _wan_attention(attn, query, key, value, rotary, image_key, image_value, attention_mask):
+    """diffusers' WanAttnProcessor from the projections' outputs to the attention's output: Wan normalises q and k
+    across heads (before the head split); I2V adds attention over the image embedding's keys and values."""
+    def heads(x):
+        return x.unflatten(2, (attn.heads, -1))
+
+    query, key, value = heads(attn.norm_q(query)), heads(attn.norm_k(key)), heads(value)
+    if rotary is not None:
+        query, key = _wan_rotary(query, *rotary), _wan_rotary(key, *rotary)
+    out = _sdpa(query, key, value, attention_mask).type_as(query)
+    if image_key is not None:
+        image_out = _sdpa(query, heads(attn.norm_added_k(image_key)), heads(image_value)).type_as(query)
+        out = out + image_out
+    return out
+
+
+class RecomputedInputsWanAttnProcessor:
+    """diffusers' WanAttnProcessor (Wan 2.1 / 2.2: self-attention with rotary embeddings, cross-attention to the
+    text, I2V's image keys and values), the same outputs, with SDPA's inputs rebuilt in the backward pass instead
+    of kept (module docstring)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        image_key = image_value = None
+        if attn.add_k_proj is not None:
+            # As diffusers: the text encoder's 512 tokens come last, the image embedding's tokens before them.
+            image_tokens = encoder_hidden_states.shape[1] - 512
+            image_states, encoder_hidden_states = (encoder_hidden_states[:, :image_tokens],
+                                                   encoder_hidden_states[:, image_tokens:])
+            image_key, image_value = attn.add_k_proj(image_states), attn.add_v_proj(image_states)
+        source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        projections = [attn.to_q(hidden_states), attn.to_k(source), attn.to_v(source)]
+        out = _checkpointed(_wan_attention, attn, *projections, rotary_emb, image_key, image_value, attention_mask)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _replacements() -> dict[type, type]:
+    """diffusers processor class -> the processor that stands in for it (exact classes: a subclass may differ)."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    return {JointAttnProcessor2_0: RecomputedInputsJointAttnProcessor, FluxAttnProcessor: RecomputedInputsFluxAttnProcessor,
+            WanAttnProcessor: RecomputedInputsWanAttnProcessor}
+
+
+def recompute_attention_inputs(model: torch.nn.Module) -> int:
+    """Give every attention module of an SD3 / SD3.5, FLUX or Wan transformer the processor that stands in for its
+    diffusers processor (table in the module docstring); returns how many. Other processors (the UNet's, IP-Adapter
+    and fused-projection ones) are refused by name: their math differs."""
+    replacements = _replacements()
+    ours = set(replacements.values())
     modules = [m for m in model.modules() if hasattr(m, "processor") and hasattr(m, "set_processor")]
     others = sorted({type(m.processor).__name__ for m in modules
-                     if not isinstance(m.processor, (JointAttnProcessor2_0, RecomputedInputsJointAttnProcessor))})
-    if not modules or others:
-        found = ", ".join(others) or "no diffusers attention modules"
-        raise ConfigError(f"config key 'recompute_attention_inputs': for SD3 / SD3.5 joint attention "
-                          f"(JointAttnProcessor2_0); {type(model).__name__} has {found}")
+                     if type(m.processor) not in replacements and type(m.processor) not in ours})
+    fused = sorted({type(m).__name__ for m in modules if getattr(m, "fused_projections", False)})
+    if not modules or others or fused:
+        found = (f"fused q / k / v projections in {', '.join(fused)}" if fused and not others
+                 else ", ".join(others) or "no diffusers attention modules")
+        raise ConfigError(f"config key 'recompute_attention_inputs': for the attention processors of SD3 / SD3.5, "
+                          f"FLUX and Wan ({', '.join(c.__name__ for c in replacements)}); {type(model).__name__} "
+                          f"has {found}")
     for m in modules:
-        m.set_processor(RecomputedInputsJointAttnProcessor())
+        if type(m.processor) not in ours:
+            m.set_processor(replacements[type(m.processor)]())
     return len(modules)

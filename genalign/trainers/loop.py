@@ -89,7 +89,7 @@ class TrainConfig:
                                            "hidden activations for 5% more arithmetic; diffusers models)")
     recompute_attention_inputs: bool = option(False, "rebuild SDPA's normalised, concatenated q / k / v in the "
                                                      "backward pass instead of keeping them (elementwise work; "
-                                                     "SD3 / SD3.5; genalign.models.attention)")
+                                                     "SD3 / SD3.5, FLUX, Wan; genalign.models.attention)")
     attention_backend: str = option("sdpa", "sdpa (PyTorch, default) | xformers (used only if it loads; else SDPA with a warning)")
     compile: str = option("no", "torch.compile the trained network: no | blocks (each transformer block; compiles "
                                 "once per block kind) | full (the whole network: the fastest measured at 512 px)")
