@@ -462,6 +462,56 @@ def test_training_on_a_cache_releases_the_text_encoders(tmp_path):
     assert losses == pytest.approx([r["loss"] for r in read_metrics(tmp_path / "kept")], abs=1e-6)
 
 
+def test_a_reference_model_with_the_same_text_encoders_reads_the_cached_embeddings(tmp_path):
+    """reference=model on a latent cache: a reference whose text encoders are the cache's (the usual case, a
+    model fine-tuned from the same base) never loads them and reads the batch's embeddings, with the same reference
+    velocity as encoding the prompts itself; one with another T5 loads its own and encodes each batch's prompts."""
+    from unittest import mock
+
+    import transformers
+
+    from genalign.data import build_cache
+    from genalign.models import load_adapter, tiny
+
+    tiny.tiny_sd3_pipeline(with_t5=True).save_pretrained(tmp_path / "model")
+    model, cache = str(tmp_path / "model"), str(tmp_path / "cache")
+    build_cache(load_adapter(model), separable_pairs(8), cache, resolution=32, progress=False)
+    other = load_adapter(model).pipe
+    with torch.no_grad():
+        other.text_encoder_3.shared.weight.mul_(-1)
+    other.save_pretrained(tmp_path / "other-t5")
+    never = mock.patch.object(transformers.PreTrainedModel, "from_pretrained",
+                              side_effect=AssertionError("a text encoder was loaded"))
+
+    def reference_velocity(trainer, encode_itself=None):
+        batch = trainer.collate_fn([trainer.train_dataset[i] for i in range(4)])
+        cond = {k: torch.cat([v, v]) for k, v in batch["cond"].items()}
+        torch.manual_seed(0)
+        x_t, t = torch.randn(8, *trainer.adapter.latent_shape(32, 32)), torch.rand(8)
+        if encode_itself is not None:
+            trainer.reference_adapter, trainer.reference_shares_text_encoding = encode_itself, False
+        return trainer.reference_velocity(x_t, t, cond, batch["prompt"])
+
+    with never:
+        shared = FlowDPOTrainer.from_config(dpo_config(tmp_path, "shared", model=model, data=cache, max_steps=2,
+                                                       reference="model", reference_model_path=model))
+    names = ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    assert shared.reference_shares_text_encoding
+    assert all(getattr(shared.reference_adapter.pipe, n) is None for n in names)
+    v_shared = reference_velocity(shared)
+    v_encoding = reference_velocity(shared, encode_itself=load_adapter(model))
+    assert (v_shared - v_encoding).abs().max().item() < 1e-5
+
+    own = FlowDPOTrainer.from_config(dpo_config(tmp_path, "own", model=model, data=cache, max_steps=2,
+                                                reference="model", reference_model_path=str(tmp_path / "other-t5")))
+    assert not own.reference_shares_text_encoding and len(own.reference_adapter.text_encoders()) == 3
+    v_own = reference_velocity(own)
+    v_other_encoding = reference_velocity(own, encode_itself=load_adapter(str(tmp_path / "other-t5")))
+    assert (v_own - v_other_encoding).abs().max().item() < 1e-5 and (v_own - v_shared).abs().max().item() > 1e-3
+    shared.train()
+    assert [r["step"] for r in read_metrics(tmp_path / "shared")] == [1, 2]
+
+
 def test_flow_dpo_resume_is_exact(sd3_pipe, tmp_path):
     """N steps + resume + N steps == 2N steps (max abs diff <= 1e-6), with warmup + cosine, grad accumulation,
     EMA and an online reference adapter refreshed every 2 steps (its snapshot must be checkpointed too)."""

@@ -73,7 +73,9 @@ class FlowDPOConfig(TrainConfig):
                                                 "reference_refresh_every steps: online DPO) | model (reference_model_path)")
     reference_refresh_every: int = option(0, "reference=adapter: copy the current LoRA into the reference every N steps "
                                              "(0: never)")
-    reference_model_path: str | None = option(None, "reference=model: a pipeline folder of the same family and latent space")
+    reference_model_path: str | None = option(None, "reference=model: a pipeline folder of the same family and latent "
+                                                          "space (its text encoders are loaded only if they differ "
+                                                          "from those of the batches' embeddings)")
     tie_policy: str = option("drop", "ties in the data: drop | half (label 0.5, symmetric loss) | keep_first (as A wins)")
     sft_weight: float = option(0.0, "add sft_weight x the winners' flow-matching error to the loss (0: plain "
                                     "Flow-DPO); keeps the winners' likelihood from falling with the losers' (RPO)")
@@ -195,6 +197,7 @@ class FlowDPOTrainer(Trainer):
         self.adapter = adapter
         self.reference_adapter = reference_adapter
         self.reference_snapshot: dict[str, torch.Tensor] | None = None
+        self.reference_shares_text_encoding = False  # reference=model: it reads the batches' prompt embeddings
         super().__init__(config, model=adapter.denoiser, train_dataset=dataset,
                          collate_fn=PreferenceCollator(config.resolution, config.num_frames))
         if config.reference == "adapter":
@@ -224,9 +227,9 @@ class FlowDPOTrainer(Trainer):
                         p.data = trainable[n]
         if cfg.reference == "model":
             if self.reference_adapter is None:
-                from ..models import load_adapter
-
-                self.reference_adapter = load_adapter(cfg.reference_model_path)
+                self.reference_adapter = self._load_reference_model()
+            else:
+                self.reference_shares_text_encoding = self._encodes_like_the_batches(self.reference_adapter)
             ref = self.reference_adapter
             ref.to(self.device)
             ref.denoiser.requires_grad_(False).eval()
@@ -234,6 +237,45 @@ class FlowDPOTrainer(Trainer):
                 ref.denoiser.to(self.weight_dtype)
 
     # ------------------------------------------------------------------------------------- reference
+    def _batches_text_encoding(self) -> dict[str, Any]:
+        """The fingerprint (data.cache.model_fingerprint) of the model whose text encoders made the batches'
+        prompt embeddings: the latent cache's, or the policy's own."""
+        from ..data.cache import model_fingerprint
+
+        manifest = getattr(self.train_dataset, "manifest", None)
+        if isinstance(manifest, dict) and manifest.get("model"):
+            return manifest["model"]
+        return model_fingerprint(self.adapter)
+
+    def _encodes_like_the_batches(self, reference) -> bool:
+        """Whether `reference` turns prompts into the same embeddings as the batches carry: the same text encoder
+        configs and encode settings, and the same weights (VAE and text encoders, sampled; read from the files for
+        encoders built empty)."""
+        from ..data.cache import model_fingerprint, weights_match
+
+        have, want = self._batches_text_encoding(), model_fingerprint(reference)
+        same = [(have.get("components") or {}).get(k) == want["components"][k]
+                for k in ("text encoder configs", "encode settings")]
+        return all(same) and weights_match(have.get("weights_sample"), want["weights_sample"])
+
+    def _load_reference_model(self):
+        """reference=model: the reference pipeline at reference_model_path. A reference fine-tuned from the same
+        base shares its text encoders (SD3.5's T5-XXL alone is 4.7 B parameters): built empty, checked against the
+        encoders the batches' embeddings came from, and released; the reference then reads the batches'
+        embeddings. Only a reference that encodes differently loads its own and encodes each batch's prompts."""
+        from ..models import load_adapter
+
+        cfg = self.config
+        extra = {"max_sequence_length": cfg.max_sequence_length} if cfg.max_sequence_length else {}
+        ref = load_adapter(cfg.reference_model_path, text_encoders="empty", **extra)
+        if self._encodes_like_the_batches(ref):
+            ref.release_text_encoders()
+            self.reference_shares_text_encoding = True
+            return ref
+        logger.info("reference model %s encodes prompts differently from the batches' embeddings: loading its own "
+                    "text encoders", cfg.reference_model_path)
+        return load_adapter(cfg.reference_model_path, **extra)
+
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.named_trainable}
 
@@ -258,8 +300,11 @@ class FlowDPOTrainer(Trainer):
         mode = self.config.reference
         if mode == "model":
             ref = self.reference_adapter
-            ref_cond = ref.encode_prompt(prompts)
-            ref_cond = ref.cat_cond([ref_cond, ref_cond])
+            if self.reference_shares_text_encoding:
+                ref_cond = cond
+            else:
+                ref_cond = ref.encode_prompt(prompts)
+                ref_cond = ref.cat_cond([ref_cond, ref_cond])
             return ref.velocity(x_t.to(ref.dtype), t, {k: v.to(ref.dtype) for k, v in ref_cond.items()})
         ctx = self.adapter.lora_disabled() if mode == "disabled_adapter" else self._reference_weights()
         with ctx, eval_mode(self.adapter.denoiser):  # no dropout in the reference
