@@ -330,6 +330,8 @@ GENALIGN_CPU_VARIANTS = {
                                     "checkpoint_unit": "feedforward", "recompute_attention_inputs": True},
     "genalign_compile_ckpt_ff_half_qk": {"compile": "full", "gradient_checkpointing": True, "checkpoint_share": 0.5,
                                          "checkpoint_unit": "feedforward", "recompute_attention_inputs": True},
+    "genalign_compile_ckpt_ff_third_qk": {"compile": "full", "gradient_checkpointing": True, "checkpoint_share": 1 / 3,
+                                          "checkpoint_unit": "feedforward", "recompute_attention_inputs": True},
     "genalign_compile_budget50": {"compile": "full", "compile_memory_budget": 0.5},
     "genalign_compile_budget30": {"compile": "full", "compile_memory_budget": 0.3},
 }
