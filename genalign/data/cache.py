@@ -158,6 +158,16 @@ def weights_match(a: list[float] | None, b: list[float] | None) -> bool:
     return len(a) == len(b) and bool(np.allclose(a, b, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL))
 
 
+def encodes_prompts_alike(have: dict[str, Any], want: dict[str, Any]) -> bool:
+    """Whether two model fingerprints (`model_fingerprint`, or a cache manifest's "model") turn prompts into the
+    same embeddings: the same text encoder configs and encode settings, and matching sampled weights (VAE and text
+    encoders; read from the files for encoders built empty)."""
+    have_parts, want_parts = have.get("components") or {}, want.get("components") or {}
+    same_configs = all(have_parts.get(k) == want_parts.get(k) is not None
+                       for k in ("text encoder configs", "encode settings"))
+    return same_configs and weights_match(have.get("weights_sample"), want.get("weights_sample"))
+
+
 def _denoiser(adapter):
     try:
         return adapter.denoiser

@@ -248,15 +248,10 @@ class FlowDPOTrainer(Trainer):
         return model_fingerprint(self.adapter)
 
     def _encodes_like_the_batches(self, reference) -> bool:
-        """Whether `reference` turns prompts into the same embeddings as the batches carry: the same text encoder
-        configs and encode settings, and the same weights (VAE and text encoders, sampled; read from the files for
-        encoders built empty)."""
-        from ..data.cache import model_fingerprint, weights_match
+        """Whether `reference` turns prompts into the same embeddings as the batches carry."""
+        from ..data.cache import encodes_prompts_alike, model_fingerprint
 
-        have, want = self._batches_text_encoding(), model_fingerprint(reference)
-        same = [(have.get("components") or {}).get(k) == want["components"][k]
-                for k in ("text encoder configs", "encode settings")]
-        return all(same) and weights_match(have.get("weights_sample"), want["weights_sample"])
+        return encodes_prompts_alike(self._batches_text_encoding(), model_fingerprint(reference))
 
     def _load_reference_model(self):
         """reference=model: the reference pipeline at reference_model_path. A reference fine-tuned from the same
