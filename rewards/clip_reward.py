@@ -20,7 +20,8 @@ Two backends:
   `weights_only=True`, optionally under a "state_dict" key, or safetensors). Architectures that open_clip does not
   ship are given as a JSON config file (`model_config=`; its file name is the architecture name). A folder with
   `open_clip_config.json` (open_clip's "local-dir" layout, also what `save_pretrained` writes) loads with
-  `from_pretrained`.
+  `from_pretrained`; a model whose text config names an `hf_tokenizer_name` reads the transformers tokenizer saved
+  in that folder (open_clip's rule; the world's ResNet CLIP is saved so).
 
 Pixels are preprocessed in torch, differentiably, for every input type: resize the shortest side (bicubic,
 antialiased), centre crop, normalise with the model's mean / std. This follows the published processors'
@@ -112,6 +113,15 @@ def _pair(size) -> tuple[int, int]:
 def _features(output) -> torch.Tensor:
     """transformers >= 5 returns model outputs from get_*_features (features in pooler_output); older: tensors."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _transformers_tokenizer(tokenizer):
+    """The transformers tokenizer behind an open_clip model's tokenizer (itself, or the one open_clip's HFTokenizer
+    wraps), else None (open_clip's own BPE tokenizers)."""
+    from transformers import PreTrainedTokenizerBase
+
+    inner = getattr(tokenizer, "tokenizer", tokenizer)
+    return inner if isinstance(inner, PreTrainedTokenizerBase) else None
 
 
 def _warn_long_prompts(lengths: list[int], max_length: int, prompts: list[str]) -> None:
@@ -303,6 +313,9 @@ class CLIPReward(RewardModel):
             (directory / "open_clip_config.json").write_text(
                 json.dumps({"model_cfg": self.open_clip_config, "preprocess_cfg": preprocess}, indent=2))
             save_model(self.clip, str(directory / "open_clip_model.safetensors"))
+            hf_tokenizer = _transformers_tokenizer(self.tokenizer)
+            if hf_tokenizer is not None:  # open_clip reads it back from the folder (text_cfg's hf_tokenizer_name)
+                hf_tokenizer.save_pretrained(directory)
 
     # ----------------------------------------------------------------------------------- scoring
     def _tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -312,6 +325,12 @@ class CLIPReward(RewardModel):
             enc = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        hf_tokenizer = _transformers_tokenizer(self.tokenizer)
+        if hf_tokenizer is not None:  # a transformers tokenizer, bare or in open_clip's HFTokenizer
+            _warn_long_prompts([len(ids) for ids in hf_tokenizer(prompts)["input_ids"]], self.max_length, prompts)
+            enc = hf_tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+            return {"text": enc["input_ids"]}
         if hasattr(self.tokenizer, "encode"):  # open_clip's SimpleTokenizer: + start and end tokens
             _warn_long_prompts([len(self.tokenizer.encode(p)) + 2 for p in prompts], self.max_length, prompts)
         return {"text": self.tokenizer(prompts, context_length=self.max_length)}

@@ -167,25 +167,33 @@ def test_pool_does_not_depend_on_the_number_of_workers(monkeypatch):
     assert np.array_equal(one.images, two.images) and one.captions == two.captions
 
 
-def test_short_pretraining_lowers_the_loss_and_saves_a_clip_folder_the_reward_trainer_loads(tmp_path):
+@pytest.mark.parametrize("image_tower", ["vit", "resnet"])
+def test_short_pretraining_lowers_the_loss_and_saves_a_clip_folder_the_reward_trainer_loads(tmp_path, image_tower):
     from genalign.rewards import CLIPReward, load_reward_model
 
     from genalign.trainers.reward import RewardTrainConfig, build_reward_model
 
+    sizes = {"clip_width": 32, "clip_layers": 2, "clip_heads": 2, "clip_patch_size": 8, "clip_projection_dim": 16,
+             "clip_image_tower": image_tower, "clip_resnet_width": 8}
     cfg = CLIPPretrainConfig(output_dir=str(tmp_path / "run"), max_steps=40, batch_size=16, pool_groups=64,
                              lr=2e-3, warmup_steps=5, autoencoder=0.5, eval_images=16, report_to="none",
-                             progress_bar=False, log_every=5, checkpoint_every=0, clip_width=32, clip_layers=2,
-                             clip_heads=2, clip_patch_size=8, clip_projection_dim=16)
+                             progress_bar=False, log_every=5, checkpoint_every=0, **sizes)
     trainer = CLIPPretrainTrainer.from_config(cfg)
     result = trainer.train()
     losses = [r["loss"] for r in map(__import__("json").loads, (tmp_path / "run" / "metrics.jsonl").read_text()
                                                               .splitlines()) if "loss" in r]
     assert losses[-1] < losses[0] - 0.1  # it learns (on its pool)
     folder = result.final_model_dir
-    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    weights = "model.safetensors" if image_tower == "vit" else "open_clip_model.safetensors"  # open_clip's local-dir
+    assert (folder / weights).is_file() and (folder / "tokenizer.json").is_file()
     assert set(trainer.zero_shot) == {"caption", "image", "quality", "n"}
     model = load_reward_model(folder)
     assert isinstance(model, CLIPReward) and model.crop_size == (32, 32)
-    # the reward trainer's model=<a transformers CLIP folder> path (PickScore's stage 2) starts from these weights
+    assert model.backend == ("transformers" if image_tower == "vit" else "open_clip")
+    # the reward trainer's model=<a CLIP folder> path (PickScore's stage 2) starts from these weights
     reward = build_reward_model(RewardTrainConfig(kind="pickscore", model=str(folder)))
     torch.testing.assert_close(reward.clip.logit_scale, trainer.model.clip.logit_scale.cpu())
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompts = ["red circle", "two blue squares", "green triangle left of yellow star"]
+    with torch.no_grad():
+        torch.testing.assert_close(reward(pixels, prompts), trainer.model.cpu().eval()(pixels, prompts))

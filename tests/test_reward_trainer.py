@@ -425,6 +425,33 @@ def test_recipes_load_and_bad_keys_are_named():
         RewardTrainConfig(kind="videoreward", theta=1.0)
     with pytest.raises(ConfigError, match="tie_polcy"):
         load_config(RewardTrainConfig, None, ["tie_polcy=half"])
+    with pytest.raises(ConfigError, match="clip_image_tower"):
+        RewardTrainConfig(kind="pickscore", clip_image_tower="convnext")
+    with pytest.raises(ConfigError, match="clip_resnet_layers"):
+        load_config(RewardTrainConfig, None, ["clip_resnet_layers=1,1,1"])
+    assert load_config(RewardTrainConfig, None, ["clip_resnet_layers=2,1,1,1"]).clip_resnet_layers == [2, 1, 1, 1]
+
+
+def test_a_world_clip_with_a_resnet_image_tower_learns_the_renders_and_reloads(pickapic, tmp_path):
+    """model=world clip_image_tower=resnet: an open_clip CLIP (ModifiedResNet image tower, the world's tokenizer)
+    trained by the same trainer, saved in open_clip's local-dir layout with its tokenizer, reloaded exactly."""
+    train, heldout = pickapic
+    cfg = RewardTrainConfig(kind="pickscore", model="world", clip_image_tower="resnet", clip_resnet_width=8,
+                            clip_width=32, clip_layers=2, clip_heads=2, clip_projection_dim=16, data=str(train),
+                            eval_data=str(heldout), output_dir=str(tmp_path / "run"), max_steps=80, batch_size=16,
+                            lr=1e-3, log_every=10, checkpoint_every=0, normalization_pairs=0, **quiet())
+    trainer = RewardTrainer.from_config(cfg)
+    assert type(trainer.model.clip.visual).__name__ == "ModifiedResNet"
+    result = trainer.train()
+    assert trainer.eval_result["dimensions"]["score"]["accuracy_without_ties"] > 0.8
+    folder = result.final_model_dir
+    assert {"open_clip_config.json", "open_clip_model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    reloaded = load_reward_model(folder)
+    pairs = load_preference_pairs(str(heldout), tie_policy="half")
+    media = [pairs[i].media_a for i in range(8)]
+    prompts = [pairs[i].prompt for i in range(8)]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(media, prompts), trainer.model.eval()(media, prompts))
 
 
 def test_videoreward_from_a_qwen2vl_folder_uses_lora_or_saves_the_fully_trained_backbone(tmp_path):

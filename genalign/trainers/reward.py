@@ -67,11 +67,25 @@ class WorldCLIPSize:
     clip_heads: int = option(4, "world CLIP: attention heads")
     clip_patch_size: int = option(4, "world CLIP: ViT patch size (the world renders 32x32)")
     clip_projection_dim: int = option(32, "world CLIP: joint embedding size")
+    clip_image_tower: str = option("vit", "world CLIP image tower: vit (transformers CLIPModel, patches of "
+                                          "clip_patch_size) | resnet (open_clip CLIP with its ModifiedResNet tower)")
+    clip_resnet_width: int = option(16, "world CLIP, resnet tower: stem width (stage widths 4, 8, 16, 32 x it)")
+    clip_resnet_layers: list[int] = option(  # noqa: RUF009 - option() copies a list default (default_factory)
+        [1, 1, 1, 1], "world CLIP, resnet tower: bottleneck blocks in each of the four stages")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.clip_image_tower not in ("vit", "resnet"):
+            raise ConfigError(f"config key 'clip_image_tower': vit or resnet, got {self.clip_image_tower!r}")
+        layers = self.clip_resnet_layers
+        if not (isinstance(layers, list) and len(layers) == 4 and all(isinstance(n, int) and n >= 1 for n in layers)):
+            raise ConfigError(f"config key 'clip_resnet_layers': four block counts >= 1, got {layers!r}")
 
     def build_world_clip(self, seed: int, image_size: int = 32):
         """A random-init world CLIP reward of these sizes."""
         return world_clip_reward(seed, image_size, self.clip_width, self.clip_layers, self.clip_heads,
-                                 self.clip_patch_size, self.clip_projection_dim)
+                                 self.clip_patch_size, self.clip_projection_dim, image_tower=self.clip_image_tower,
+                                 resnet_width=self.clip_resnet_width, resnet_layers=tuple(self.clip_resnet_layers))
 
 
 @dataclass
@@ -163,15 +177,42 @@ class RewardTrainConfig(WorldCLIPSize, TrainConfig):
 
 # ------------------------------------------------------------------------------------------------ models
 def world_clip_reward(seed: int = 0, image_size: int = 32, width: int = 64, layers: int = 3, heads: int = 4,
-                      patch_size: int = 4, projection_dim: int = 32):
-    """A random-init PickScore-style CLIP reward for the world: both towers `width` wide and `layers` deep, the
-    world's word-level tokenizer, `image_size` pixels (the world renders 32x32)."""
-    from transformers import CLIPConfig, CLIPModel
+                      patch_size: int = 4, projection_dim: int = 32, *, image_tower: str = "vit",
+                      resnet_width: int = 16, resnet_layers: tuple[int, ...] = (1, 1, 1, 1)):
+    """A random-init PickScore-style CLIP reward for the world: the world's word-level tokenizer, `image_size` pixels
+    (the world renders 32x32), a text tower `width` wide and `layers` deep, and an image tower that is either
 
+    - vit: a transformers CLIPModel whose vision tower has the text tower's sizes and patches of `patch_size`, or
+    - resnet: an open_clip CLIP whose image tower is its ModifiedResNet (CLIP RN50's design: a three-convolution
+      stem, four stages of `resnet_layers` bottleneck blocks, an attention pool), `resnet_width` wide at the stem.
+      Convolutions see every pixel's neighbourhood, which is what the world's quality flaws (stray pixels, noise,
+      blurred edges) are made of; a ViT of 4-pixel patches has to learn them from a linear patch embedding.
+    """
     from ..rewards import CLIPReward
     from ..world.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    if image_tower == "resnet":
+        from open_clip.model import CLIP
+
+        config = {
+            "embed_dim": projection_dim,
+            "vision_cfg": {"layers": list(resnet_layers), "width": resnet_width, "image_size": image_size,
+                           "head_width": 32},
+            # the text tower of the vit variant in open_clip's terms: pooled at the end-of-text token; the tokenizer
+            # is a transformers one, saved next to the weights (open_clip's local-dir layout reads it from there)
+            "text_cfg": {"context_length": tokenizer.model_max_length, "vocab_size": len(tokenizer), "width": width,
+                         "heads": heads, "layers": layers, "mlp_ratio": 2.0, "pool_type": "eos",
+                         "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id,
+                         "hf_tokenizer_name": "genalign-world"},
+        }
+        return CLIPReward(CLIP(**config).eval(), tokenizer, backend="open_clip", image_size=image_size,
+                          max_length=tokenizer.model_max_length, open_clip_config=config)
+    if image_tower != "vit":
+        raise ValueError(f"image_tower must be 'vit' or 'resnet', got {image_tower!r}")
+    from transformers import CLIPConfig, CLIPModel
+
     tower = {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": layers,
              "num_attention_heads": heads}
     config = CLIPConfig(
@@ -181,7 +222,6 @@ def world_clip_reward(seed: int = 0, image_size: int = 32, width: int = 64, laye
         vision_config={**tower, "image_size": image_size, "patch_size": patch_size},
         projection_dim=projection_dim,
     )
-    torch.manual_seed(seed)
     return CLIPReward.from_transformers(CLIPModel(config).eval(), tokenizer)
 
 
