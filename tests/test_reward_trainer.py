@@ -15,7 +15,13 @@ from genalign.data import PreferencePair, load_preference_pairs
 from genalign.eval.reward_eval import eval_reward_main, evaluate_reward, score_main
 from genalign.losses.reward import btt_loss
 from genalign.recipes import recipe_path
-from genalign.trainers.reward import PreloadedPairs, RewardTrainConfig, RewardTrainer, build_reward_model
+from genalign.trainers.reward import (
+    PreloadedPairs,
+    RewardTrainConfig,
+    RewardTrainer,
+    build_reward_model,
+    random_shift,
+)
 from genalign.trainers.reward import main as train_main
 from genalign.world.annotators import (
     Annotator,
@@ -317,12 +323,32 @@ def test_zero_weight_dimensions_are_left_out_of_the_loss(videoalign, tmp_path):
     assert math.isnan(float(metrics["loss/TA"])) and not math.isnan(float(metrics["loss/VQ"]))
 
 
+def test_random_shift_translates_with_edge_padding_and_moves_video_frames_alike():
+    torch.manual_seed(0)
+    image = torch.rand(3, 8, 8)
+    video = torch.rand(4, 3, 8, 8)
+    seen = set()
+    for seed in range(40):
+        shifted_image, shifted_video = random_shift([image, video], 2, torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)  # the shifts drawn, in the same order
+        (dx, dy), (vx, vy) = (torch.randint(-2, 3, (2,), generator=generator).tolist() for _ in range(2))
+        seen.add((dx, dy))
+        # reference: numpy's edge padding, then the window moved by (dx, dy)
+        padded = np.pad(image.numpy(), ((0, 0), (2, 2), (2, 2)), mode="edge")
+        np.testing.assert_array_equal(shifted_image.numpy(), padded[:, 2 + dy:10 + dy, 2 + dx:10 + dx])
+        padded = np.pad(video.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2)), mode="edge")
+        np.testing.assert_array_equal(shifted_video.numpy(), padded[..., 2 + vy:10 + vy, 2 + vx:10 + vx])
+    assert len(seen) > 10 and (0, 0) in seen  # every shift in [-2, 2]^2 is drawn, none is forced
+
+
 # ------------------------------------------------------------------------------------------ resume
-@pytest.mark.parametrize("kind", ["pickscore", "videoreward"])
-def test_reward_trainer_resume_is_exact(kind, pickapic, videoalign, tmp_path):
+@pytest.mark.parametrize(("kind", "augment_shift"), [("pickscore", 0), ("videoreward", 0), ("pickscore", 2),
+                                                      ("videoreward", 2)])
+def test_reward_trainer_resume_is_exact(kind, augment_shift, pickapic, videoalign, tmp_path):
     data = str(pickapic[0]) if kind == "pickscore" else str(videoalign)
     common = dict(kind=kind, model="tiny", data=data, max_steps=6, batch_size=4, lr=1e-3, lr_scheduler="cosine",
-                  checkpoint_every=3, normalization_pairs=4, weight_decay=0.01, **quiet())
+                  checkpoint_every=3, normalization_pairs=4, weight_decay=0.01, augment_shift=augment_shift,
+                  **quiet())
     # the pairs are read once (MP4 decoding is the slow part here); each trainer builds its model from the config
     pairs = load_preference_pairs(data, tie_policy="half")
     if kind == "videoreward":

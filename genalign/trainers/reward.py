@@ -122,6 +122,9 @@ class RewardTrainConfig(WorldCLIPSize, TrainConfig):
     resolution: int | None = option(32, "world / tiny models and Qwen2-VL folders: input size (CLIP image size; "
                                          "video frame size, None: Qwen2-VL's own resize rule)")
     max_prompt_tokens: int = option(32, "videoreward: prompt tokens kept (longer prompts are truncated, warned)")
+    augment_shift: int = option(0, "training only: translate each training image / video by up to N pixels "
+                                   "(edge-padded; a random whole number along x and y), against overfitting "
+                                   "small data")
     preload: bool = option(False, "decode every training pair once into memory (small data, e.g. the world's; "
                                   "saves re-decoding MP4 / PNG files every epoch)")
     normalization_pairs: int = option(1024, "fit the normalisation on the media of this many training pairs "
@@ -170,7 +173,7 @@ class RewardTrainConfig(WorldCLIPSize, TrainConfig):
             self.dims = {str(k): float(v) for k, v in self.dims.items()}
             if not any(self.dims.values()):
                 bad("dims", "at least one dimension needs a non-zero weight")
-        for key in ("eval_max_pairs", "normalization_pairs"):
+        for key in ("eval_max_pairs", "normalization_pairs", "augment_shift"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
 
@@ -320,6 +323,25 @@ def set_clip_trainable(model, train_vision: bool, train_text: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ data
+def random_shift(pixels: list[torch.Tensor], max_shift: int, generator: torch.Generator | None = None
+                 ) -> list[torch.Tensor]:
+    """Each image (C, H, W) or video (F, C, H, W) translated by a random whole number of pixels in [-max_shift,
+    max_shift] along x and y (a video's frames alike), the uncovered border filled by repeating the edge pixels.
+
+    The augmentation of `augment_shift`: a reward model of small data learns where its training pictures' pixels
+    happen to be; the judgements it is taught (is the object well formed, sharp, of the right colour, left of the
+    other one) do not change under a small translation."""
+    out = []
+    for x in pixels:
+        dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=generator))
+        h, w = x.shape[-2:]
+        frames = x.reshape(-1, *x.shape[-3:])
+        padded = torch.nn.functional.pad(frames, (max_shift,) * 4, mode="replicate")
+        top, left = max_shift + dy, max_shift + dx
+        out.append(padded[..., top:top + h, left:left + w].reshape(x.shape))
+    return out
+
+
 class PreloadedPairs(torch.utils.data.Dataset):
     """Every pair of a dataset decoded once and kept in memory.
 
@@ -447,6 +469,14 @@ class RewardTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------- the loss
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self.config.augment_shift:
+            from ..rewards import media_to_unit_pixels
+
+            # seeded by the data position, so that a resumed run draws the shifts an uninterrupted one draws
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.state.consumed_batches)
+            shift = self.config.augment_shift
+            batch = {**batch, "media_a": random_shift(media_to_unit_pixels(batch["media_a"]), shift, generator),
+                     "media_b": random_shift(media_to_unit_pixels(batch["media_b"]), shift, generator)}
         loss, metrics = self.model.loss(batch)
         metrics = {k: v for k, v in metrics.items() if k != "loss"}
         labels = batch["label"]
