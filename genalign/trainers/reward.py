@@ -65,10 +65,11 @@ class WorldCLIPSize:
     clip_width: int = option(64, "world CLIP: hidden size of both towers")
     clip_layers: int = option(3, "world CLIP: layers per tower")
     clip_heads: int = option(4, "world CLIP: attention heads")
-    clip_patch_size: int = option(4, "world CLIP: ViT patch size (the world renders 32x32)")
+    clip_patch_size: int = option(4, "world CLIP, vit tower: patch size (the world renders 32x32)")
     clip_projection_dim: int = option(32, "world CLIP: joint embedding size")
-    clip_image_tower: str = option("vit", "world CLIP image tower: vit (transformers CLIPModel, patches of "
-                                          "clip_patch_size) | resnet (open_clip CLIP with its ModifiedResNet tower)")
+    clip_image_tower: str = option("resnet", "world CLIP image tower: resnet (an open_clip CLIP with its "
+                                             "ModifiedResNet tower) | vit (a transformers CLIPModel, patches of "
+                                             "clip_patch_size; the world's CLIP before, 13 points less accurate)")
     clip_resnet_width: int = option(16, "world CLIP, resnet tower: stem width (stage widths 4, 8, 16, 32 x it)")
     clip_resnet_layers: list[int] = option(  # noqa: RUF009 - option() copies a list default (default_factory)
         [1, 1, 1, 1], "world CLIP, resnet tower: bottleneck blocks in each of the four stages")
