@@ -169,3 +169,47 @@ def test_build_json_merge_keeps_the_other_reward_kind_on_disk(tmp_path):
     assert report["vae"] == {"stats": {"s": 1}} and report["reward"] == written
     assert report["reward"]["stats"] == {"videoreward_btt": {"acc": 0.78}, "pickscore": {"acc": 0.65}}
     assert report["reward"]["kept"]["image"]["config"]["reward_kinds"] == ["image", "video"]
+
+
+def test_reward_errors_script_counts_agreement_with_the_oracle_label(tmp_path, capsys):
+    """scripts/world_reward_errors.py: its counts and agreements equal the ones computed here from the oracle and the
+    model's own scores."""
+    import importlib.util
+
+    import torch
+    from genalign.rewards import load_reward_model, tiny_clip_reward
+
+    from genalign.world.annotators import Annotator, label_image_pairs, write_pickapic_parquet
+
+    rng = random.Random(0)
+    prompts, a, b = [], [], []
+    for i in range(24):  # a prompt's render against a swapped prompt's (text alignment) or its own, other seed
+        prompt = rng.choice(image_splits().train)
+        other = hard_negative_prompt(prompt, rng) if i % 2 else prompt
+        prompts.append(prompt)
+        a.append(to_uint8(render_image(prompt, i)))
+        b.append(to_uint8(render_image(other, 100 + i)))
+    rows = label_image_pairs(np.stack(a), np.stack(b), prompts, Annotator(noise=0.0))
+    data = write_pickapic_parquet(rows, tmp_path / "pairs.parquet")
+    model_dir = tiny_clip_reward(seed=5).save_pretrained(tmp_path / "reward")
+
+    spec = importlib.util.spec_from_file_location("world_reward_errors",
+                                                  ASSETS.parents[2] / "scripts" / "world_reward_errors.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(model_dir), str(data)]) == 0
+    printed = {line[:44].strip(): line[44:].split() for line in capsys.readouterr().out.splitlines()}
+
+    def overall(r, side):
+        return 0.5 * (r[f"oracle_TA_{side}"] + r[f"oracle_VQ_{side}"])
+
+    diff = np.array([overall(r, 0) - overall(r, 1) for r in rows])
+    decided = np.abs(diff) >= 0.05
+    model = load_reward_model(model_dir)
+    with torch.no_grad():
+        margin = (model(np.stack(a), prompts) - model(np.stack(b), prompts)).numpy()
+    agree = np.sign(margin) == np.sign(diff)
+    ta = np.array([r["oracle_TA_0"] != r["oracle_TA_1"] for r in rows])
+    assert printed["all"] == [str(decided.sum()), f"{100 * agree[decided].mean():.1f}"]
+    assert int(printed["text alignment differs"][0]) == (decided & ta).sum() > 0
+    assert printed["text alignment differs"][1] == f"{100 * agree[decided & ta].mean():.1f}"

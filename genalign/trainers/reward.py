@@ -8,9 +8,10 @@ trained on preference pairs with the model's own loss (ALGORITHMS.md section 3).
   in `dims` is 0 are left out of the loss, and pairs without per-dimension labels use their overall label.
 
 The model is the world-sized random-init builder (`model=world`; `tiny` for the test-sized one), a genalign reward
-folder (training continues from it), a transformers CLIP folder (PickScore's layout) or a Qwen2-VL folder (the base
-of a VideoReward: LoRA on its language model, `lora_rank`). Ties are kept by default (`tie_policy=half`): for a
-reward model they are signal.
+folder (training continues from it), a CLIP folder (transformers: PickScore's layout; open_clip's local-dir layout:
+the world CLIP of stage 1) or a Qwen2-VL folder (the base of a VideoReward: LoRA on its language model,
+`lora_rank`). Ties are kept by default (`tie_policy=half`): for a reward model they are signal. `augment_shift=N`
+translates the training media by up to N pixels (against overfitting small data).
 
 At the end the normalisation of every dimension (mean / std of the raw scores of the training pairs' media) is
 fitted and saved with the model: `output_dir/reward_model/` is a `save_pretrained` folder that

@@ -25,8 +25,9 @@ makes *groups* of pictures:
   (encode, decode), so the pictures look like the generators' outputs (which the autoencoder decodes).
 
 `CLIPPretrainTrainer` runs on the shared training loop (checkpoints, resume, metrics.jsonl, accelerate) and
-saves the CLIP as a transformers CLIP folder (`save_pretrained`, safetensors) with the world's tokenizer and an
-image processor config, the layout PickScore is published in: `genalign train reward --kind pickscore
+saves the CLIP in its backend's published layout with the world's tokenizer: open_clip's local-dir layout for the
+default ResNet image tower (`open_clip_config.json`, `open_clip_model.safetensors`, the tokenizer files), a
+transformers CLIP folder (PickScore's layout) for `clip_image_tower=vit`. `genalign train reward --kind pickscore
 model=<run>/clip` fine-tunes it (stage 2), `genalign.rewards.load_reward_model(<run>/clip)` scores with it.
 
     from genalign.world.clip_pretrain import CLIPPretrainConfig, CLIPPretrainTrainer
@@ -94,7 +95,7 @@ class CLIPPretrainConfig(WorldCLIPSize, TrainConfig):
                                                "an extra one, two merged) as a text -> image negative of their caption")
     autoencoder: float = option(0.5, "share of groups passed through the world autoencoder's round trip")
     autoencoder_path: str | None = option(None, "the autoencoder folder (None: the shipped world autoencoder)")
-    # the model: a transformers CLIPModel with the world's word-level tokenizer, sized by WorldCLIPSize's keys
+    # the model: the world CLIP (WorldCLIPSize's keys: a ResNet or ViT image tower) with the world's tokenizer
     eval_images: int = option(512, "held-out-prompt renders for the zero-shot check at the end (0: none)")
 
     def __post_init__(self):
@@ -284,14 +285,14 @@ def collate_caption_groups(groups: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ the trainer
 def save_clip_folder(model, directory: Path) -> None:
-    """A transformers CLIP folder (PickScore's layout): the CLIPModel (safetensors), the tokenizer and
-    preprocessor_config.json. `CLIPReward._save_weights` writes exactly these files."""
+    """The CLIP in its backend's published layout (`CLIPReward._save_weights`): an open_clip local-dir folder, or a
+    transformers CLIP folder (PickScore's layout: the CLIPModel, the tokenizer, preprocessor_config.json)."""
     directory.mkdir(parents=True, exist_ok=True)
     model._save_weights(directory)
 
 
 class CLIPPretrainTrainer(Trainer):
-    """CLIP InfoNCE on a caption pool; the final model is `output_dir/clip/` (a transformers CLIP folder)."""
+    """CLIP InfoNCE on a caption pool; the final model is `output_dir/clip/` (a CLIP folder, `save_clip_folder`)."""
 
     config_class = CLIPPretrainConfig
     model_subdir = "clip"
