@@ -347,15 +347,14 @@ def test_random_shift_translates_with_edge_padding_and_moves_video_frames_alike(
 def test_reward_trainer_resume_is_exact(kind, augment_shift, pickapic, videoalign, tmp_path):
     data = str(pickapic[0]) if kind == "pickscore" else str(videoalign)
     common = dict(kind=kind, model="tiny", data=data, max_steps=6, batch_size=4, lr=1e-3, lr_scheduler="cosine",
-                  checkpoint_every=3, normalization_pairs=4, weight_decay=0.01, augment_shift=augment_shift,
-                  **quiet())
+                  checkpoint_every=3, normalization_pairs=4, weight_decay=0.01, **quiet())
     # the pairs are read once (MP4 decoding is the slow part here); each trainer builds its model from the config
     pairs = load_preference_pairs(data, tie_policy="half")
     if kind == "videoreward":
         pairs = PreloadedPairs(pairs)
 
-    def trainer(output_dir, **kw):
-        cfg = RewardTrainConfig(output_dir=str(tmp_path / output_dir), **common, **kw)
+    def trainer(output_dir, shift=augment_shift, **kw):
+        cfg = RewardTrainConfig(output_dir=str(tmp_path / output_dir), augment_shift=shift, **common, **kw)
         return RewardTrainer(build_reward_model(cfg), cfg, pairs)
 
     straight = trainer("a")
@@ -367,6 +366,11 @@ def test_reward_trainer_resume_is_exact(kind, augment_shift, pickapic, videoalig
     a, b = dict(straight.named_trainable), dict(resumed.named_trainable)
     assert a.keys() == b.keys() and len(a) > 0
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    if augment_shift:  # the shifts reach the loss: the same run without them ends elsewhere
+        unshifted = trainer("c", shift=0)
+        unshifted.train()
+        c = dict(unshifted.named_trainable)
+        assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-4
 
 
 # ------------------------------------------------------------------------------------------ commands
