@@ -197,7 +197,7 @@ def test_reward_errors_script_counts_agreement_with_the_oracle_label(tmp_path, c
                                                   ASSETS.parents[2] / "scripts" / "world_reward_errors.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    assert script.main([str(model_dir), str(data)]) == 0
+    assert script.main([str(model_dir), str(data), "--renders", "6"]) == 0
     printed = {line[:44].strip(): line[44:].split() for line in capsys.readouterr().out.splitlines()}
 
     def overall(r, side):
@@ -213,3 +213,6 @@ def test_reward_errors_script_counts_agreement_with_the_oracle_label(tmp_path, c
     assert printed["all"] == [str(decided.sum()), f"{100 * agree[decided].mean():.1f}"]
     assert int(printed["text alignment differs"][0]) == (decided & ta).sum() > 0
     assert printed["text alignment differs"][1] == f"{100 * agree[decided & ta].mean():.1f}"
+    # the render check: the oracle decides nearly every render pair (a swapped attribute), the share is a share
+    n, share = printed["clean held-out render pairs (vs swapped)"]
+    assert 5 <= int(n) <= 6 and 0.0 <= float(share) <= 100.0

@@ -66,7 +66,7 @@ class BuildConfig:
     reward_clip_overrides: dict = field(default_factory=lambda: {"max_steps": 800, "warmup_steps": 100,
                                                                  "composition_negatives": 0.5})
     reward_pickscore_recipe: str = "reward_pickscore_world_pretrained"  # stage 2: PickScore fine-tuning
-    reward_pickscore_overrides: dict = field(default_factory=lambda: {"max_steps": 2000})  # 2.2 epochs of 28672
+    reward_pickscore_overrides: dict = field(default_factory=lambda: {"max_steps": 4500})  # 5 epochs of 28672
     reward_video_pairs: int = 3072  # about 0.6 s each on 2 busy cores (sampling, oracle, MP4): 31 min
     # K > 2: every two of K clips per prompt a pair, as for images; K = 8 (12288 pairs from 3512 clips) measured no
     # better than the 3072 two-clip pairs (README), so two stays the default
