@@ -474,8 +474,10 @@ class RewardTrainer(Trainer):
         if self.config.augment_shift:
             from ..rewards import media_to_unit_pixels
 
-            # seeded by the data position, so that a resumed run draws the shifts an uninterrupted one draws
-            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.state.consumed_batches)
+            # seeded by the data position (and the process), so that a resumed run draws the shifts an uninterrupted
+            # one draws
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.state.consumed_batches
+                                                      + (self.accelerator.process_index << 32))
             shift = self.config.augment_shift
             batch = {**batch, "media_a": random_shift(media_to_unit_pixels(batch["media_a"]), shift, generator),
                      "media_b": random_shift(media_to_unit_pixels(batch["media_b"]), shift, generator)}
