@@ -319,17 +319,15 @@ class CLIPReward(RewardModel):
 
     # ----------------------------------------------------------------------------------- scoring
     def _tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        if self.backend == "transformers":
-            lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
-            _warn_long_prompts(lengths, self.max_length, prompts)
-            enc = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
-                                 return_tensors="pt")
-            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        hf_tokenizer = _transformers_tokenizer(self.tokenizer)
-        if hf_tokenizer is not None:  # a transformers tokenizer, bare or in open_clip's HFTokenizer
+        # a transformers tokenizer: the transformers backend's, or one under an open_clip model (bare or in
+        # open_clip's HFTokenizer); else open_clip's own BPE tokenizer
+        hf_tokenizer = self.tokenizer if self.backend == "transformers" else _transformers_tokenizer(self.tokenizer)
+        if hf_tokenizer is not None:
             _warn_long_prompts([len(ids) for ids in hf_tokenizer(prompts)["input_ids"]], self.max_length, prompts)
             enc = hf_tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
                                return_tensors="pt")
+            if self.backend == "transformers":
+                return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
             return {"text": enc["input_ids"]}
         if hasattr(self.tokenizer, "encode"):  # open_clip's SimpleTokenizer: + start and end tokens
             _warn_long_prompts([len(self.tokenizer.encode(p)) + 2 for p in prompts], self.max_length, prompts)
