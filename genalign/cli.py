@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def load_model(model: str | None, kind: str | None, loras=()):
+def load_model(model: str | None, kind: str | None, loras=(), device: str | None = None):
     """Resolve --model (default: the world's base model of --kind), load its adapter and the LoRA folders.
 
     One LoRA is loaded as adapter "default", the active one that `--rlg-scale` mixes with the base; several get
@@ -18,7 +18,7 @@ def load_model(model: str | None, kind: str | None, loras=()):
     defaults, model path, adapter names). Shared by the commands and the demo (genalign.app)."""
     import warnings
 
-    from .models import ModelLoadError, load_adapter
+    from .models import ModelLoadError, default_device, load_adapter
     from .world import resolve_model
 
     loras = [str(x) for x in loras]
@@ -26,7 +26,14 @@ def load_model(model: str | None, kind: str | None, loras=()):
         if not Path(lora).exists():
             raise ModelLoadError(f"--lora {lora!r} does not exist")
     path, adapter_kwargs, defaults = resolve_model(model, kind)
-    adapter = load_adapter(path, **adapter_kwargs)
+    device = device or default_device()
+    try:
+        import torch
+
+        torch.device(device)
+    except RuntimeError as e:  # torch's message lists the device types; say which argument it was
+        raise ModelLoadError(f"--device {device!r} is not a device: {e}") from e
+    adapter = load_adapter(path, device=device, **adapter_kwargs)
     names = lora_adapter_names(loras)
     with warnings.catch_warnings():
         # Several adapters on one denoiser are intended (RLG experts); peft warns on every load after the first.
@@ -54,9 +61,11 @@ def lora_adapter_names(loras) -> list[str]:
     return names
 
 
-def _load_model(model: str | None, kind: str | None, lora: str | None = None):
-    """load_model with at most one LoRA: (adapter, sampling defaults, model path)."""
-    adapter, defaults, path, _ = load_model(model, kind, [lora] if lora else [])
+def _load_model(args, model: str | None = None, kind: str | None = None):
+    """load_model with the command's --model (or `model`), --kind (or `kind`), --lora and --device: (adapter,
+    sampling defaults, model path)."""
+    adapter, defaults, path, _ = load_model(model or args.model, kind or args.kind, [args.lora] if args.lora else [],
+                                            device=args.device)
     return adapter, defaults, path
 
 
@@ -114,7 +123,7 @@ def _guidance(args, adapter, kw: dict) -> dict:
     if nrg_reward is not None:
         from .guidance.latent_reward import LatentRewardModel
 
-        reward = LatentRewardModel.from_pretrained(nrg_reward)
+        reward = LatentRewardModel.from_pretrained(nrg_reward, device=adapter.device)
     weights = json.loads(args.nrg_weights) if args.nrg_weights else None
     return {"combiner": guidance_combiner(adapter, guidance_scale=kw["guidance_scale"], rlg_scale=rlg_scale,
                                           nrg_reward=reward, nrg_weights=weights, nrg_scale=args.nrg_scale)}
@@ -157,7 +166,7 @@ def cmd_sample(args) -> int:
     from .media import image_grid, save_png, video_strip, write_video
     from .sampling import latents_to_uint8, sample_latents
 
-    adapter, defaults, path = _load_model(args.model, args.kind, args.lora)
+    adapter, defaults, path = _load_model(args)
     prompts = _read_prompts(args, _is_world_model(path))
     kw = _sampling_kwargs(args, defaults, adapter)
     kw.update(_guidance(args, adapter, kw))
@@ -221,7 +230,7 @@ def _init_latents(args, adapter, kw: dict):
 def cmd_eval(args) -> int:
     from .eval.oracle_eval import generate, judge_samples, summarize, write_report
 
-    adapter, defaults, path = _load_model(args.model, args.kind, args.lora)
+    adapter, defaults, path = _load_model(args)
     prompts = eval_prompts(args.prompts, adapter, args.num_prompts)
     kw = _sampling_kwargs(args, defaults, adapter)
     kw.update(_guidance(args, adapter, kw))
@@ -276,7 +285,7 @@ def cmd_world_pairs(args) -> int:
         if args.sdedit is not None:
             if kind != "image" or not 0 < args.sdedit <= 1:
                 raise SystemExit("error: --sdedit STRENGTH (in (0, 1]) is for --kind image render pairs")
-            adapter, defaults, _path = _load_model(args.model or "world", "image", args.lora)
+            adapter, defaults, _path = _load_model(args, model=args.model or "world", kind="image")
             kw = _sampling_kwargs(args, defaults, adapter)
             for size in ("height", "width"):  # the renders' size
                 kw.pop(size)
@@ -290,7 +299,7 @@ def cmd_world_pairs(args) -> int:
                                 **sdedit)
         print(f"wrote {args.num_pairs} labelled {kind} render pairs to {out}")
         return 0
-    adapter, defaults, _path = _load_model(args.model, args.kind, args.lora)
+    adapter, defaults, _path = _load_model(args)
     kind = "video" if adapter.is_video else "image"
     k = args.samples_per_prompt
     if k < 2:
@@ -299,7 +308,7 @@ def cmd_world_pairs(args) -> int:
     kw = _sampling_kwargs(args, defaults, adapter)
     kw.update(_guidance(args, adapter, kw))
     out = make_preference_data(adapter, kind, prompts, args.out, annotator, seed=args.seed, samples_per_prompt=k,
-                               num_pairs=args.num_pairs, **kw)
+                               num_pairs=args.num_pairs, workers=args.workers, **kw)
     print(f"wrote {args.num_pairs} labelled {kind} pairs to {out}")
     return 0
 
@@ -349,6 +358,8 @@ def _add_sampling_flags(p, with_prompts: bool = True) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-frames", type=int, default=None, help="video models only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="where the model runs, e.g. cuda, cuda:1, cpu (default: the first "
+                                                  "GPU torch sees, else the CPU)")
     p.add_argument("--rlg-scale", type=float, default=None,
                    help="RLG weight w in [0, 3] between the base model (0) and the --lora model (1); >1 extrapolates "
                         "(acts like the KL coefficient beta / w)")
@@ -458,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--source model: K samples per prompt, every two of them a pair (K (K - 1) / 2 pairs per "
                         "prompt, so fewer prompts and samples for the same number of pairs)")
     p.add_argument("--split", choices=["train", "heldout"], default="train")
+    p.add_argument("--workers", type=int, default=None,
+                   help="--source model: processes running the oracle (default: every CPU core, at most 8; on a GPU "
+                        "machine the oracle, not the sampling, is the slow part)")
     p.add_argument("--noise", type=float, default=0.10, help="annotator noise rate")
     p.add_argument("--tie-margin", type=float, default=0.05)
     p.add_argument("--source", choices=["model", "renders"], default="model",

@@ -104,13 +104,17 @@ def test_eval_reports_oracle_scores_with_intervals(tmp_path):
 
 
 def test_world_pairs_writes_pickapic_parquet_readable_by_the_data_reader(tmp_path):
-    genalign("world", "pairs", "--num-pairs", "6", "--steps", "4", "--noise", "0", "--out", tmp_path)
+    genalign("world", "pairs", "--num-pairs", "6", "--steps", "4", "--noise", "0", "--device", "cpu", "--workers", "2",
+             "--out", tmp_path)
     from genalign.data import load_preference_pairs
 
     ds = load_preference_pairs(tmp_path / "pairs.parquet", tie_policy="half")
     assert len(ds) == 6
     pair = ds[0]
     assert pair.media_a.shape == (32, 32, 3) and pair.label in (0.0, 0.5, 1.0)
+    bad = genalign("world", "pairs", "--num-pairs", "2", "--device", "gpu0", "--out", tmp_path / "b", check=False)
+    assert bad.returncode != 0 and "--device 'gpu0' is not a device" in bad.stderr
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("kind", ["image", "video"])

@@ -337,3 +337,28 @@ def test_video_oracle_is_the_same_in_every_process_when_colours_tie():
     assert len(outs) == 1
     red, blue = json.loads(outs.pop())
     assert red["TA"] > blue["TA"]  # the tie goes to the colour seen first
+
+
+def test_judge_many_in_worker_processes_equals_judging_one_at_a_time():
+    """Pair sets judge their samples in a process pool (the oracle is the slow step next to GPU sampling); the
+    judgements must be the serial ones, in order, for images and videos alike."""
+    import math
+
+    from genalign.world.oracle import judge, judge_many
+
+    rng = np.random.default_rng(0)
+    prompts = ["red circle", "two blue squares", "cyan cross above green triangle", "yellow triangle"] * 3
+    images = [to_uint8(np.clip(render_image(p, i) + rng.normal(0, 0.1 * (i % 3), (32, 32, 3)), 0, 1))
+              for i, p in enumerate(prompts)]
+    videos = [render_video(p, i)[:6] for i, p in enumerate(["red circle moving left", "blue square moving up"] * 2)]
+
+    def plain(j):  # NaN-free comparison: the oracle reports NaN for what it does not measure
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in {**j.as_dict(), **j.details}.items()}
+
+    for samples, ps in ((images, prompts), (videos, ["red circle moving left", "blue square moving up"] * 2)):
+        serial = [plain(judge(s, p)) for s, p in zip(samples, ps)]
+        pooled = judge_many(samples, ps, workers=2, min_per_worker=1)
+        assert [plain(j) for j in pooled] == serial
+        assert len({str(sorted(j.items())) for j in serial}) > 1  # the samples are judged differently
+    assert [plain(j) for j in judge_many(images[:3], prompts[:3], workers=8)] == [
+        plain(judge(s, p)) for s, p in zip(images[:3], prompts[:3])]  # too few for processes: judged here

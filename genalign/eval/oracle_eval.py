@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..world.grammar import parse_prompt
-from ..world.oracle import judge
+from ..world.oracle import judge_many
 from .stats import mean_ci, paired_difference, per_prompt_means
 
 
@@ -38,10 +38,9 @@ def diversity(samples: np.ndarray, prompts: list[str]) -> float:
 TA_PARTS = ("color_ok", "shape_ok", "direction_ok")
 
 
-def judge_samples(samples: np.ndarray, prompts: list[str], progress: bool = True) -> list[dict]:
+def judge_samples(samples: np.ndarray, prompts: list[str], progress: bool = True, workers: int | None = None) -> list[dict]:
     rows = []
-    for s, p in tqdm(list(zip(samples, prompts)), desc="oracle", disable=not progress, mininterval=2):
-        j = judge(s, p)
+    for p, j in zip(prompts, judge_many(samples, prompts, workers=workers, progress=progress)):
         parts = {k: j.details[k] for k in TA_PARTS if k in j.details}
         rows.append({"prompt": p, **j.as_dict(), "strict": j.details.get("strict", math.nan), **parts})
     return rows

@@ -24,6 +24,13 @@ def adapter_class_for(pipeline_class_name: str) -> type[FlowAdapter] | None:
     return None
 
 
+def default_device() -> str:
+    """Where the commands put a model unless told: the first GPU when torch sees one, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_adapter(path_or_id: str | os.PathLike, **kwargs) -> FlowAdapter:
     """Load a diffusers pipeline folder (or cached hub id) and wrap it in the adapter of its family.
 
@@ -58,5 +65,6 @@ __all__ = [
     "UNetAdapter",
     "WanAdapter",
     "adapter_class_for",
+    "default_device",
     "load_adapter",
 ]

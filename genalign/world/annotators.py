@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..media import uint8_pixels, write_video
-from .oracle import judge
+from .oracle import judge, judge_many
 
 LABELS = ("A", "B", "same")
 
@@ -206,11 +206,11 @@ def sdedit_images(adapter, images: np.ndarray, prompts: list[str], strength: flo
 
 def make_preference_data(adapter, kind: str, prompts: list[str], out_dir: str | Path, annotator: Annotator,
                          seed: int = 0, progress: bool = True, samples_per_prompt: int = 2,
-                         num_pairs: int | None = None, **sampling) -> Path:
+                         num_pairs: int | None = None, workers: int | None = None, **sampling) -> Path:
     """Sample `samples_per_prompt` outputs per prompt from `adapter` and write labelled pairs (parquet or CSV) under
     out_dir: every two samples of a prompt make a pair, K (K - 1) / 2 per prompt (as preference datasets with
     several images per prompt are compared, e.g. ImageReward's rankings), the first `num_pairs` of them (default
-    all). Two per prompt: one pair each."""
+    all). Two per prompt: one pair each. `workers`: processes judging the samples (`judge_many`)."""
     from ..eval.oracle_eval import generate
 
     if samples_per_prompt < 2:
@@ -220,7 +220,9 @@ def make_preference_data(adapter, kind: str, prompts: list[str], out_dir: str | 
              for i, j in itertools.combinations(range(samples_per_prompt), 2)][:num_pairs]
     a, b = samples[[i for i, _ in pairs]], samples[[j for _, j in pairs]]
     ps = [flat[i] for i, _ in pairs]
-    judged = {i: judge(samples[i], flat[i]).as_dict() for i in sorted({i for pair in pairs for i in pair})}
+    used = sorted({i for pair in pairs for i in pair})
+    judged = {i: j.as_dict() for i, j in zip(used, judge_many([samples[i] for i in used], [flat[i] for i in used],
+                                                             workers=workers, progress=progress))}
     judgements = [(judged[i], judged[j]) for i, j in pairs]
     out_dir = Path(out_dir)
     if kind == "image":

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..models import default_device
 from ..trainers.loop import TrainConfig, Trainer, eval_mode, option
 from ..trainers.reward import WorldCLIPSize
 from .corpus import miscaption
@@ -349,7 +350,7 @@ class CLIPPretrainTrainer(Trainer):
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         t0 = time.time()
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
         if config.autoencoder > 0 and vae is None:
             vae = load_world_autoencoder(config.autoencoder_path)
         pool = make_caption_pool(

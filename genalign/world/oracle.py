@@ -254,3 +254,36 @@ def judge(sample, prompt: str) -> Judgement:
     """Judge an image (H, W, 3) or a video (F, H, W, 3)."""
     arr = np.asarray(sample)
     return judge_video(arr, prompt) if arr.ndim == 4 else judge_image(arr, prompt)
+
+
+def _judge_pair(item) -> Judgement:  # a process pool's task (module level: it is pickled by name)
+    return judge(*item)
+
+
+def judge_many(samples, prompts: list[str], workers: int | None = None, progress: bool = False,
+               min_per_worker: int = 512) -> list[Judgement]:
+    """`judge` of each (sample, prompt), in order, in `workers` processes (default: every CPU core, at most 8).
+
+    The oracle is pure numpy, about 6 ms a picture on one core: on a GPU machine it takes longer than sampling the
+    pictures (a set of 16384 samples: 61 s of sampling on an H100, minutes of judging on one core). Fewer than
+    `min_per_worker` samples a worker are judged here, without starting processes. Results equal `judge`'s."""
+    import os
+
+    from tqdm.auto import tqdm
+
+    items = list(zip(samples, prompts))
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    workers = max(1, min(workers, len(items) // max(1, min_per_worker)))
+    bar = {"total": len(items), "desc": "oracle", "disable": not progress, "mininterval": 2}
+    if workers == 1:
+        return [judge(s, p) for s, p in tqdm(items, **bar)]
+    import multiprocessing
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork where there is one: spawned workers would re-run a caller's unguarded script (no `if __name__ ==
+    # "__main__"`). The workers only run numpy and scipy, never the parent's CUDA or torch state.
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        chunk = max(1, len(items) // (workers * 8))
+        return list(tqdm(pool.map(_judge_pair, items, chunksize=chunk), **bar))

@@ -44,13 +44,13 @@ def make_pairs(model_dir: Path, kind: str, num_pairs: int, split: str, seed: int
     """Labelled pairs of a world model, as `genalign world pairs --kind KIND --model MODEL_DIR --num-pairs N
     --split SPLIT --seed S --samples-per-prompt K --out OUT` writes them: prompts `Random(seed + i).choice(split)`,
     the model's sampling defaults, `Annotator(tie_margin, noise, seed)`."""
-    from ..models import load_adapter
+    from ..models import default_device, load_adapter
     from . import resolve_model
     from .annotators import Annotator, make_preference_data
     from .grammar import pair_prompts
 
     path, adapter_kwargs, defaults = resolve_model(str(model_dir), kind)
-    adapter = load_adapter(path, **adapter_kwargs)
+    adapter = load_adapter(path, device=default_device(), **adapter_kwargs)
     prompts = pair_prompts(kind, split, num_pairs, seed, samples_per_prompt)
     keys = ("num_steps", "guidance_scale", "height", "width") + (("num_frames",) if kind == "video" else ())
     sampling = {k: defaults[k] for k in keys}
@@ -242,6 +242,7 @@ def merge_reward_entry(previous: dict | None, entry: dict, kinds) -> dict:
 def build_reward_models(out: Path, cfg) -> dict[str, Any]:
     """Stage `reward` (module docstring). `cfg`: a `genalign.world.build.BuildConfig`."""
     from ..config import load_config
+    from ..models import default_device
     from ..recipes import recipe_path
     from . import REWARD_MODEL_DIRS
     from .clip_pretrain import CLIPPretrainConfig, CLIPPretrainTrainer
@@ -249,7 +250,7 @@ def build_reward_models(out: Path, cfg) -> dict[str, Any]:
     out = Path(out)
     work = Path(cfg.reward_workdir)
     common = [f"seed={cfg.seed}", "progress_bar=false"] + ([f"num_threads={cfg.threads}"] if cfg.threads else [])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     stats: dict[str, Any] = {"command": build_command(cfg),
                              "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
     kinds = [k for k in ("image", "video") if k in cfg.reward_kinds]
