@@ -1,6 +1,7 @@
-"""Where an image reward model disagrees with the world's oracle, on labelled world pairs.
+"""Where a reward model disagrees with the world's oracle, on labelled world pairs (images or videos).
 
     python scripts/world_reward_errors.py MODEL_FOLDER [PAIRS.parquet] [--renders N]
+    python scripts/world_reward_errors.py VIDEO_MODEL_FOLDER PAIRS.csv
 
 PAIRS: Pick-a-Pic parquet written by `genalign world pairs --kind image` (default: the build's held-out pairs). Its
 `oracle_*` columns hold the oracle's scores of both sides; the oracle's noise-free label decides a pair when their
@@ -11,6 +12,12 @@ differs, and per prompt template. (`genalign eval-reward` gives the accuracy aga
 Then, off the generator's distribution: the share of N (default 200) clean render pairs of held-out prompts (a
 prompt's render against the render of a one-attribute-swapped prompt, seed 1) that the model orders as the oracle
 does. A reward fine-tuned hard on one generator's samples can forget what a clean, right picture is.
+
+Videos (a VideoAlign CSV written by `genalign world pairs --kind video`, e.g. the build's held-out
+runs/world-build/reward/video-pairs-heldout/pairs.csv): agreement of each dimension (VQ, MQ, TA) with the oracle's
+noise-free label (the CSV's `oracle_*` columns), then TA by which of the oracle's text-alignment checks differ
+between the two clips (colour, shape, direction, presence: the share of frames showing the object), each clip judged
+again here for them.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ def main(argv: list[str]) -> int:
         renders = int(argv[i + 1])
         argv = argv[:i] + argv[i + 2:]
     model_dir, pairs_path = argv[0], argv[1] if len(argv) > 1 else DEFAULT_PAIRS
+    if pairs_path.endswith(".csv"):
+        return video_errors(model_dir, pairs_path)
     rows = pq.read_table(pairs_path, columns=[c for c in pq.read_schema(pairs_path).names
                                               if c.startswith("oracle_") or c == "caption"]).to_pylist()
     if not rows or "oracle_TA_0" not in rows[0]:
@@ -61,8 +70,7 @@ def main(argv: list[str]) -> int:
     agree = np.sign(margin) == np.sign(oracle)
 
     def line(name, mask):
-        n = int(mask.sum())
-        print(f"{name:<44} {n:>5} {100 * agree[mask].mean():6.1f}" if n else f"{name:<44} {n:>5}      -")
+        print_agreement(name, agree, mask)
 
     print(f"{'pairs the oracle decides':<44} {'n':>5} {'agree%':>6}")
     line("all", decided)
@@ -76,6 +84,54 @@ def main(argv: list[str]) -> int:
     if renders:
         agree, n = render_agreement(model, renders)
         print(f"{'clean held-out render pairs (vs swapped)':<44} {n:>5} {100 * agree:6.1f}")
+    return 0
+
+
+def print_agreement(name: str, agree: np.ndarray, mask: np.ndarray) -> None:
+    n = int(mask.sum())
+    print(f"{name:<44} {n:>5} {100 * agree[mask].mean():6.1f}" if n else f"{name:<44} {n:>5}      -")
+
+
+TA_CHECKS = {"colour": "color_ok", "shape": "shape_ok", "direction": "direction_ok", "presence": "presence"}
+
+
+def video_errors(model_dir: str, pairs_path: str) -> int:
+    import csv
+
+    from genalign.world.oracle import judge
+
+    with open(pairs_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "oracle_TA" not in rows[0]:
+        raise SystemExit(f"{pairs_path}: no oracle columns (oracle_VQ, oracle_MQ, oracle_TA): not a world pairs file")
+    pairs = load_preference_pairs(pairs_path, tie_policy="half")
+    if len(pairs) != len(rows):
+        raise SystemExit(f"{pairs_path}: {len(pairs)} readable pairs of {len(rows)} rows; this analysis needs all")
+    model = load_reward_model(model_dir).eval()
+    prompts = [p.prompt for p in pairs]
+    with torch.no_grad():
+        scores_a = model.score_dict([p.media_a for p in pairs], prompts, normalize=False)
+        scores_b = model.score_dict([p.media_b for p in pairs], prompts, normalize=False)
+    print(f"{'pairs the oracle decides':<44} {'n':>5} {'agree%':>6}")
+    agree = {}
+    for dim in ("VQ", "MQ", "TA"):
+        label = np.array([{"A": 1.0, "B": -1.0}.get(r[f"oracle_{dim}"], 0.0) for r in rows])
+        agree[dim] = (np.sign((scores_a[dim] - scores_b[dim]).numpy()) == label, label != 0)
+        print_agreement(dim, *agree[dim])
+    ta_agree, ta_decided = agree["TA"]
+    details = [(judge(p.media_a, p.prompt).details, judge(p.media_b, p.prompt).details) for p in pairs]
+    differs = {name: np.array([da.get(key) != db.get(key) for da, db in details]) for name, key in TA_CHECKS.items()}
+    for name, mask in differs.items():
+        print_agreement(f"  TA, {name} differs", ta_agree, ta_decided & mask)
+    for name, mask in differs.items():
+        alone = mask & ~np.any([m for other, m in differs.items() if other != name], axis=0)
+        print_agreement(f"  TA, only {name} differs", ta_agree, ta_decided & alone)
+    # where a generated clip loses its object in some frames, which check does the model follow?
+    present_more = np.array([da.get("presence", 0) > db.get("presence", 0) for da, db in details])
+    model_a = (scores_a["TA"] - scores_b["TA"]).numpy() > 0
+    both = ta_decided & differs["direction"] & differs["presence"]
+    print_agreement("  TA, direction and presence differ", ta_agree, both)
+    print_agreement("    ... the model prefers the more present", model_a == present_more, both)
     return 0
 
 
