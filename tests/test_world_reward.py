@@ -75,7 +75,8 @@ def test_reward_errors_script_on_video_pairs_per_dimension_and_per_text_alignmen
     assert script.main([str(model_dir), str(data)]) == 0
     printed = {line[:44].strip(): line[44:].split() for line in capsys.readouterr().out.splitlines()}
 
-    rows = list(csv.DictReader(open(data, newline="")))
+    with open(data, newline="") as fh:
+        rows = list(csv.DictReader(fh))
     pairs = load_preference_pairs(data, tie_policy="half")
     model = load_reward_model(model_dir).eval()
     with torch.no_grad():

@@ -38,7 +38,8 @@ def diversity(samples: np.ndarray, prompts: list[str]) -> float:
 TA_PARTS = ("color_ok", "shape_ok", "direction_ok")
 
 
-def judge_samples(samples: np.ndarray, prompts: list[str], progress: bool = True, workers: int | None = None) -> list[dict]:
+def judge_samples(samples: np.ndarray, prompts: list[str], progress: bool = True,
+                  workers: int | None = None) -> list[dict]:
     rows = []
     for p, j in zip(prompts, judge_many(samples, prompts, workers=workers, progress=progress)):
         parts = {k: j.details[k] for k in TA_PARTS if k in j.details}
