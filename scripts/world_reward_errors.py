@@ -50,12 +50,7 @@ def main(argv: list[str]) -> int:
         return video_errors(model_dir, pairs_path)
     rows = pq.read_table(pairs_path, columns=[c for c in pq.read_schema(pairs_path).names
                                               if c.startswith("oracle_") or c == "caption"]).to_pylist()
-    if not rows or "oracle_TA_0" not in rows[0]:
-        raise SystemExit(f"{pairs_path}: no oracle columns (oracle_TA_0, ...): not a world pairs file")
-    pairs = load_preference_pairs(pairs_path, tie_policy="half")
-    if len(pairs) != len(rows):
-        raise SystemExit(f"{pairs_path}: {len(pairs)} readable pairs of {len(rows)} rows; this analysis needs all")
-    model = load_reward_model(model_dir).eval()
+    pairs, model = pairs_and_model(pairs_path, rows, "oracle_TA_0", model_dir)
     with torch.no_grad():
         prompts = [p.prompt for p in pairs]
         margin = (model.score_dict([p.media_a for p in pairs], prompts, normalize=False)["score"]
@@ -87,6 +82,16 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def pairs_and_model(pairs_path: str, rows: list[dict], oracle_column: str, model_dir: str):
+    """The file's pairs (every row readable: the analysis lines them up with `rows`) and the reward model."""
+    if not rows or oracle_column not in rows[0]:
+        raise SystemExit(f"{pairs_path}: no oracle columns ({oracle_column}, ...): not a world pairs file")
+    pairs = load_preference_pairs(pairs_path, tie_policy="half")
+    if len(pairs) != len(rows):
+        raise SystemExit(f"{pairs_path}: {len(pairs)} readable pairs of {len(rows)} rows; this analysis needs all")
+    return pairs, load_reward_model(model_dir).eval()
+
+
 def print_agreement(name: str, agree: np.ndarray, mask: np.ndarray) -> None:
     n = int(mask.sum())
     print(f"{name:<44} {n:>5} {100 * agree[mask].mean():6.1f}" if n else f"{name:<44} {n:>5}      -")
@@ -102,12 +107,7 @@ def video_errors(model_dir: str, pairs_path: str) -> int:
 
     with open(pairs_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    if not rows or "oracle_TA" not in rows[0]:
-        raise SystemExit(f"{pairs_path}: no oracle columns (oracle_VQ, oracle_MQ, oracle_TA): not a world pairs file")
-    pairs = load_preference_pairs(pairs_path, tie_policy="half")
-    if len(pairs) != len(rows):
-        raise SystemExit(f"{pairs_path}: {len(pairs)} readable pairs of {len(rows)} rows; this analysis needs all")
-    model = load_reward_model(model_dir).eval()
+    pairs, model = pairs_and_model(pairs_path, rows, "oracle_TA", model_dir)
     prompts = [p.prompt for p in pairs]
     with torch.no_grad():
         scores_a = model.score_dict([p.media_a for p in pairs], prompts, normalize=False)
