@@ -9,7 +9,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
+from genalign.media import write_video
 from genalign.world import ASSETS, REWARD_MODEL_DIRS, WorldModelMissing, reward_model_path
 from genalign.world.clip_pretrain import hard_negative_prompt
 from genalign.world.grammar import image_splits
@@ -142,7 +144,8 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
         reward_video_overrides={"max_steps": 2, "batch_size": 2, "report_to": "none", "normalization_pairs": 2,
                                 "video_hidden_size": 32, "video_layers": 1, "video_vision_width": 16,
                                 "video_vision_depth": 1},
-        reward_video_render_pairs=4, reward_video_render_overrides={"max_steps": 2, "dims": {"VQ": 0, "MQ": 0, "TA": 1}})
+        reward_video_render_pairs=4, reward_video_render_overrides={"max_steps": 2, "dims": {"VQ": 0, "MQ": 0, "TA": 1}},
+        reward_video_renders_in_stage2=True)
     build_world(out, cfg, ("reward",))
     stats = json.loads((out / "BUILD.json").read_text())["reward"]["stats"]
     assert stats["command"].startswith("genalign world build --only reward ") and " reward_image_pairs=6" in stats["command"]
@@ -171,6 +174,10 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
         stage1 = stats[f"videoreward_{loss}_renders"]["overrides"]
         assert "max_steps=2" in stage1 and any(o.startswith("data=") and "video-render-pairs" in o for o in stage1)
         assert f"model={tmp_path / 'rw' / f'videoreward-{loss}-renders' / 'reward_model'}" in stats[f"videoreward_{loss}"]["overrides"]
+    # stage 2 on the sampled and the render pairs together: one CSV naming both folders' videos
+    joined = tmp_path / "rw" / "video-pairs-train-and-renders" / "pairs.csv"
+    assert stats["video_stage2_pairs"] == {"path": str(joined), "pairs": 8}
+    assert f"data={joined}" in stats["videoreward_btt"]["overrides"]
     # shipped only when above chance: at 2 steps on 4 pairs it is not
     assert stats["videoreward_btt"]["shipped"] is None or (out / REWARD_MODEL_DIRS["video"]).is_dir()
     # a rebuild in the same work folder trains afresh (the runs' checkpoints are not in its way), reusing the pairs
@@ -178,6 +185,45 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
     build_world(out, replace(cfg, reward_kinds=("image",), reward_compare=False), ("reward",))
     again = json.loads((out / "BUILD.json").read_text())["reward"]["stats"]
     assert again["image_pairs"]["train"]["reused"] and again["pickscore"]["heldout"] != {}
+
+
+def test_joined_videoalign_csv_reads_as_its_sources_in_order(tmp_path):
+    """`reward_video_renders_in_stage2`'s data: the rows of both CSVs, each video path still naming its file."""
+    from genalign.data import load_preference_pairs
+    from genalign.world.reward_build import join_videoalign_csvs
+
+    clip = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    sources = []
+    for name, columns, rows in [("sampled", "path_A,path_B,prompt,VQ,MQ,TA,oracle_TA",
+                                 ["v/a.mp4,v/b.mp4,red circle moving left,A,same,B,B"]),
+                                ("renders", "path_A,path_B,prompt,VQ,MQ,TA",
+                                 ["v/a.mp4,v/b.mp4,blue square moving up,same,same,A",
+                                  "v/b.mp4,v/a.mp4,blue square moving up,same,B,A"])]:
+        folder = tmp_path / name
+        (folder / "v").mkdir(parents=True)
+        for i, video in enumerate(("a", "b")):
+            write_video(folder / "v" / f"{video}.mp4", clip + 40 * i + (name == "renders") * 100, fps=8)
+        (folder / "pairs.csv").write_text("\n".join([columns, *rows]) + "\n")
+        sources.append(folder / "pairs.csv")
+    joined = join_videoalign_csvs(tmp_path / "joined" / "pairs.csv", sources)
+    header = joined.read_text().splitlines()[0].split(",")
+    assert header == ["path_A", "path_B", "prompt", "VQ", "MQ", "TA", "oracle_TA"]
+    together = load_preference_pairs(joined, tie_policy="half")
+    apart = [pair for source in sources for pair in load_preference_pairs(source, tie_policy="half")]
+    assert len(together) == 3
+    for i, expected in enumerate(apart):
+        pair = together[i]
+        assert (pair.prompt, pair.labels) == (expected.prompt, expected.labels)
+        assert torch.equal(torch.as_tensor(pair.media_a), torch.as_tensor(expected.media_a))
+        assert torch.equal(torch.as_tensor(pair.media_b), torch.as_tensor(expected.media_b))
+
+
+def test_renders_in_stage2_needs_render_pairs():
+    from genalign.config import ConfigError
+    from genalign.world.build import BuildConfig
+
+    with pytest.raises(ConfigError, match="reward_video_renders_in_stage2"):
+        BuildConfig(reward_video_render_pairs=0, reward_video_renders_in_stage2=True)
 
 
 def test_a_build_of_one_reward_kind_keeps_the_record_of_the_other():

@@ -80,12 +80,17 @@ class BuildConfig:
     reward_video_render_pairs: int = 4096
     reward_video_render_overrides: dict = field(
         default_factory=lambda: {"max_steps": 1200, "dims": {"VQ": 0, "MQ": 0, "TA": 1}})  # TA only: VQ/MQ tie there
+    # stage 2 on the sampled pairs and the render pairs together (all dimensions), so that fitting the generator's
+    # clips does not forget the text alignment stage 1 taught
+    reward_video_renders_in_stage2: bool = False
     reward_compare: bool = True  # also train PickScore from scratch and the video model with plain BT (the report)
 
     def __post_init__(self):
         unknown = sorted(set(self.reward_kinds) - {"image", "video"})
         if unknown:  # a misspelt kind would otherwise build nothing, silently
             raise ConfigError(f"config key 'reward_kinds': {unknown} are not reward kinds (image, video)")
+        if self.reward_video_renders_in_stage2 and not self.reward_video_render_pairs:
+            raise ConfigError("config key 'reward_video_renders_in_stage2': needs reward_video_render_pairs > 0")
 
 
 def small_vae(seed: int):

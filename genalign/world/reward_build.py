@@ -13,7 +13,8 @@
 3. Video: a VideoReward-style model (tiny Qwen2-VL, recipe `reward_video_recipe`, BTT loss); with
    `reward_compare` also plain BT on the same pairs. With `reward_video_render_pairs` > 0, each first learns text
    alignment on that many render pairs (`make_render_pairs`: a prompt's clip vs a one-attribute-swapped prompt's,
-   clean labels; `reward_video_render_overrides`, TA only by default) and then trains on the sampled pairs.
+   clean labels; `reward_video_render_overrides`, TA only by default) and then trains on the sampled pairs
+   (with `reward_video_renders_in_stage2`, on the sampled and the render pairs together).
 4. Held-out accuracies (without / with ties, chance, ceiling; `genalign.eval.reward_eval`) of every model go to
    BUILD.json; the PickScore model is shipped as `image-reward/`, the video model as `video-reward/` when one of
    its dimensions is above chance by more than two standard errors. Each must be under 6 MB.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -110,6 +112,27 @@ def ensure_render_pairs(n: int, seed: int, folder: Path) -> dict[str, Any]:
     return {"path": str(file), "pairs": n, "seed": seed, "reused": reused, "seconds": round(time.time() - t0, 1),
             "command": f"genalign world pairs --kind video --source renders --num-pairs {n} --seed {seed} "
                        f"--noise 0 --out {folder}"}
+
+
+def join_videoalign_csvs(out: Path, sources: list) -> Path:
+    """One VideoAlign CSV with the rows of `sources` in order, video paths rewritten relative to `out`'s folder
+    (the videos stay where they are); columns are the union, blank where a source has none."""
+    out = Path(out)
+    rows, columns = [], []
+    for source in map(Path, sources):
+        with open(source, newline="") as fh:
+            reader = csv.DictReader(fh)
+            columns += [c for c in reader.fieldnames or () if c not in columns]
+            for row in reader:
+                for key in ("path_A", "path_B"):
+                    row[key] = os.path.relpath((source.parent / row[key]).resolve(), out.parent.resolve())
+                rows.append(row)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
 
 
 def folder_bytes(path: Path) -> int:
@@ -328,7 +351,12 @@ def build_reward_models(out: Path, cfg) -> dict[str, Any]:
                                             "seconds": round(seconds, 1),
                                             "heldout": summarize_eval(trainer.eval_result)}
                 start = [f"model={result.final_model_dir}"]
-            overrides = [f"data={pairs['train']['path']}", f"eval_data={pairs['heldout']['path']}", f"loss={loss}",
+            stage2_data = pairs["train"]["path"]
+            if cfg.reward_video_renders_in_stage2:
+                stage2_data = str(join_videoalign_csvs(work / "video-pairs-train-and-renders" / "pairs.csv",
+                                                       [stage2_data, stats["video_render_pairs"]["path"]]))
+                stats["video_stage2_pairs"] = {"path": stage2_data, "pairs": count_pairs(Path(stage2_data))}
+            overrides = [f"data={stage2_data}", f"eval_data={pairs['heldout']['path']}", f"loss={loss}",
                          f"output_dir={work / name.replace('_', '-')}", *common,
                          *as_overrides(cfg.reward_video_overrides), *start]
             trainer, result, seconds = train_reward(cfg.reward_video_recipe, overrides)
