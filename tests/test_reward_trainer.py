@@ -195,6 +195,16 @@ def test_eval_reward_command_matches_accuracies_computed_independently(trained_p
     assert report["chance_with_ties"] == pytest.approx(max(counts) / len(delta))
     assert report["pairs_with_ties"] == len(delta) and report["pairs_without_ties"] == counts[0] + counts[1]
 
+    # --against: the model compared with itself, every pair the same for both
+    assert eval_reward_main(["--model", str(result.final_model_dir), "--data", str(heldout), "--against",
+                             str(result.final_model_dir), "--out", str(tmp_path / "vs")]) == 0
+    assert "minus --against, vs labels:  +0.0" in capsys.readouterr().out
+    versus = json.loads((tmp_path / "vs" / "reward_eval.json").read_text())
+    assert versus["paired"]["score"] == {"difference": 0.0, "lo": 0.0, "hi": 0.0, "pairs": counts[0] + counts[1],
+                                         "accuracy": pytest.approx(without), "accuracy_other": pytest.approx(without)}
+    assert versus["against"]["score"]["accuracy_with_ties"] == pytest.approx(with_ties)
+    assert versus["paired_oracle"]["score"]["pairs"] == sum(x != 0.0 for x in oracle)
+
 
 class BrightnessReward(RewardModel):
     """A stub reward: 255 x the mean pixel value (hand-made cases with known score differences)."""
@@ -228,6 +238,45 @@ def test_evaluate_reward_on_a_hand_made_case():
     for p in pairs:
         p.meta = {}
     assert "ceiling_without_ties" not in evaluate_reward(BrightnessReward(), pairs)["dimensions"]["score"]
+
+
+class DarknessReward(BrightnessReward):
+    """The stub reversed: prefers the darker picture."""
+
+    def _score_pixels(self, pixels, prompts, fps):
+        return {"score": -super()._score_pixels(pixels, prompts, fps)["score"]}
+
+
+def test_paired_comparison_of_two_reward_models_on_a_hand_made_case():
+    # score differences A - B of the brightness stub: +40, +10, -30, +2, -5, 0, +20; the darkness stub's: negated
+    values = [(140, 100), (110, 100), (70, 100), (102, 100), (95, 100), (100, 100), (120, 100)]
+    labels = [1.0, 0.0, 0.0, 0.5, 0.5, 1.0, 1.0]
+    oracle = ["A", "B", "A", "same", "A", "A", "B"]
+    pairs = [PreferencePair("red circle", np.full((4, 4, 3), va, np.uint8), np.full((4, 4, 3), vb, np.uint8), y,
+                            meta={"oracle_label": o}) for (va, vb), y, o in zip(values, labels, oracle)]
+    result = evaluate_reward(BrightnessReward(), pairs, against=DarknessReward())
+    # decided labels: pairs 1, 2, 3, 6, 7. Brightness right on 1, 3, 7; darkness on 2; neither on 6 (a model tie)
+    # per pair, brightness minus darkness: +1, -1, +1, 0, +1 -> mean 0.4, sample variance 0.8
+    paired = result["paired"]["score"]
+    half = 1.96 * np.sqrt(0.8) / np.sqrt(5)
+    assert paired["pairs"] == 5 and paired["difference"] == pytest.approx(0.4)
+    assert (paired["lo"], paired["hi"]) == (pytest.approx(0.4 - half), pytest.approx(0.4 + half))
+    assert (paired["accuracy"], paired["accuracy_other"]) == (pytest.approx(0.6), pytest.approx(0.2))
+    # the same accuracies as each model's own evaluation
+    assert result["dimensions"]["score"]["accuracy_without_ties"] == pytest.approx(0.6)
+    assert result["against"]["score"]["accuracy_without_ties"] == pytest.approx(
+        evaluate_reward(DarknessReward(), pairs)["dimensions"]["score"]["accuracy_without_ties"]) == 0.2
+    # against the oracle's labels: decided 1, 2, 3, 5, 6, 7; brightness right on 1; darkness on 2, 3, 5, 7
+    oracle_paired = result["paired_oracle"]["score"]
+    assert oracle_paired["pairs"] == 6 and oracle_paired["difference"] == pytest.approx((1 - 4) / 6)
+    # a model without the dimensions compared is refused
+    with pytest.raises(ValueError, match="no dimension score"):
+        evaluate_reward(BrightnessReward(), pairs, dims={"score": "overall"}, against=MultiDimStub())
+
+
+class MultiDimStub(BrightnessReward):
+    def __init__(self):
+        RewardModel.__init__(self, ("VQ", "TA"))
 
 
 # ------------------------------------------------------------------------------------------ videoreward
@@ -434,6 +483,9 @@ def test_score_and_eval_reward_errors_are_one_line_naming_the_file(trained_picks
     assert eval_reward_main(["--model", model_dir, "--data", str(tmp_path / "missing.parquet"),
                              "--out", str(tmp_path / "ev")]) == 2
     assert "missing.parquet" in one_error_line(capsys, "genalign eval-reward")
+    assert eval_reward_main(["--model", model_dir, "--data", str(pickapic[1]), "--against", str(tmp_path / "nope"),
+                             "--out", str(tmp_path / "ev")]) == 2
+    assert "--against" in one_error_line(capsys, "genalign eval-reward")
 
     # training a kind from a reward folder of another kind
     assert train_main(["--kind", "videoreward", f"data={videoalign}", f"model={model_dir}",

@@ -43,6 +43,7 @@ import torch
 
 from ..data.preference import parse_label
 from ..losses.reward import accuracy_with_ties, accuracy_without_ties
+from .stats import mean_ci
 
 REPORT_JSON = "reward_eval.json"
 REPORT_PNG = "reward_eval.png"
@@ -248,6 +249,22 @@ def dimension_metrics(delta: np.ndarray, labels: np.ndarray, oracle: np.ndarray 
     return out
 
 
+def paired_accuracy_difference(delta: np.ndarray, other_delta: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Accuracy without ties of one model minus another's on the same pairs, with a 95% interval that treats the
+    pairs as the unit: on every pair labelled with a winner, each model is right (1) or not (0; a model tie is
+    not right, as in C / (C + D + T_model)). Pairs two models both get right or both wrong add nothing, so this
+    interval is much narrower than the two accuracies' own."""
+    labels = np.asarray(labels, dtype=np.float64)
+    decided = np.isin(labels, (0.0, 1.0))
+    winner = np.where(labels[decided] == 1.0, 1.0, -1.0)
+    right = (np.asarray(delta, dtype=np.float64)[decided] * winner > 0).astype(np.float64)
+    right_other = (np.asarray(other_delta, dtype=np.float64)[decided] * winner > 0).astype(np.float64)
+    diff = mean_ci(right - right_other)
+    return {"difference": diff["mean"], "lo": diff["lo"], "hi": diff["hi"], "pairs": diff["n"],
+            "accuracy": float(right.mean()) if diff["n"] else math.nan,
+            "accuracy_other": float(right_other.mean()) if diff["n"] else math.nan}
+
+
 def _load_pairs(pairs, label_weights=None):
     if isinstance(pairs, (str, os.PathLike)) or (isinstance(pairs, (list, tuple)) and pairs
                                                  and isinstance(pairs[0], (str, os.PathLike))):
@@ -259,7 +276,7 @@ def _load_pairs(pairs, label_weights=None):
 
 def evaluate_reward(model, pairs_dataset, dims=None, *, batch_size: int = 32, max_pairs: int | None = None,
                     label_weights: Mapping[str, float] | None = None, oracle: bool = True,
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool = False, against=None) -> dict[str, Any]:
     """Per-dimension accuracy of `model` on preference pairs, with ceiling and chance (module docstring).
 
     model: a genalign reward model. pairs_dataset: a path (read with tie_policy="half"), a
@@ -267,6 +284,10 @@ def evaluate_reward(model, pairs_dataset, dims=None, *, batch_size: int = 32, ma
     list / comma-separated names of model dimensions, or {model dimension: label dimension} ("overall" for the
     pairs' overall label). max_pairs: evaluate the first N pairs only. Returns a JSON-serialisable dict with
     "dimensions": {dim: metrics} (see `dimension_metrics`).
+
+    against: another reward model with the same output dimensions, scored on the same pairs: "against" holds its
+    metrics and "paired" the difference of the two accuracies without ties per dimension, with a 95% interval
+    (`paired_accuracy_difference`; "paired_oracle" the same against the oracle's labels, for data that carry them).
     """
     pairs = _load_pairs(pairs_dataset, label_weights)
     records = _records(pairs)
@@ -277,6 +298,13 @@ def evaluate_reward(model, pairs_dataset, dims=None, *, batch_size: int = 32, ma
     mapping = _resolve_dims(model, records, dims)
     oracle_labels = read_oracle_labels(records, sorted(set(mapping.values())), label_weights) if oracle else None
     scores = score_pairs(model, pairs, list(range(len(records))), batch_size=batch_size, progress=progress)
+    if against is not None:
+        missing = sorted(set(mapping) - set(against.output_dimensions))
+        if missing:
+            raise RewardCLIError(f"the model to compare against has no dimension {', '.join(missing)} "
+                                 f"(it has {', '.join(against.output_dimensions)})")
+        other_scores = score_pairs(against, pairs, list(range(len(records))), batch_size=batch_size,
+                                   progress=progress)
 
     result: dict[str, Any] = {
         "model_kind": model.kind,
@@ -286,16 +314,24 @@ def evaluate_reward(model, pairs_dataset, dims=None, *, batch_size: int = 32, ma
         "normalized": bool(model.normalize),
         "dimensions": {},
     }
+    if against is not None:
+        result.update(against={}, paired={}, **({"paired_oracle": {}} if oracle_labels is not None else {}))
     for model_dim, label_dim in mapping.items():
         if label_dim == OVERALL:
             labels = np.array([r["label"] for r in records], dtype=np.float64)
         else:
             labels = np.array([r["labels"].get(label_dim, math.nan) for r in records], dtype=np.float64)
+        truth = None if oracle_labels is None else np.array(oracle_labels[label_dim], dtype=np.float64)
         a, b = scores[model_dim]
-        metrics = dimension_metrics(a - b, labels, None if oracle_labels is None else
-                                    np.array(oracle_labels[label_dim], dtype=np.float64))
+        metrics = dimension_metrics(a - b, labels, truth)
         metrics["label"] = "overall" if label_dim == OVERALL else label_dim
         result["dimensions"][model_dim] = metrics
+        if against is not None:
+            other_a, other_b = other_scores[model_dim]
+            result["against"][model_dim] = dimension_metrics(other_a - other_b, labels, truth)
+            result["paired"][model_dim] = paired_accuracy_difference(a - b, other_a - other_b, labels)
+            if truth is not None:
+                result["paired_oracle"][model_dim] = paired_accuracy_difference(a - b, other_a - other_b, truth)
     return result
 
 
@@ -372,20 +408,26 @@ def format_table(result: dict[str, Any]) -> str:
         line += f" | {m['pairs_with_ties']:5d} {pct(m['accuracy_with_ties'])} {pct(m['chance_with_ties']):>6s}"
         line += f" {pct(m.get('ceiling_with_ties'))}" if oracle else ""
         lines.append(line)
+    for key, what in (("paired", "labels"), ("paired_oracle", "oracle")):
+        for dim, d in (result.get(key) or {}).items():
+            lines.append(f"{dim:10s} minus --against, vs {what:6s}: {100 * d['difference']:+5.1f} "
+                         f"[{100 * d['lo']:+5.1f}, {100 * d['hi']:+5.1f}] points ({d['pairs']} decided pairs; "
+                         f"{pct(d['accuracy'])} vs {pct(d['accuracy_other'])})")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------- commands
-def _load_model_or_fail(path: str, kind: str | None, batch_size: int | None = None, normalize: bool = True):
+def _load_model_or_fail(path: str, kind: str | None, batch_size: int | None = None, normalize: bool = True,
+                        flag: str = "--model"):
     from ..rewards import detect_reward_kind, load_reward_model
 
     kinds = {"pickscore": "clip", "clip": "clip", "videoreward": "video_reward", "video_reward": "video_reward"}
     if not Path(path).exists():
-        raise RewardCLIError(f"--model {path!r}: no such reward model folder")
+        raise RewardCLIError(f"{flag} {path!r}: no such reward model folder")
     if kind is not None:
         found = detect_reward_kind(path)
         if found != kinds[kind]:
-            raise RewardCLIError(f"--model {path!r} holds a {found!r} reward model, not a {kinds[kind]!r} one "
+            raise RewardCLIError(f"{flag} {path!r} holds a {found!r} reward model, not a {kinds[kind]!r} one "
                                  f"(--kind {kind})")
     model = load_reward_model(path, normalize=normalize, **({"batch_size": batch_size} if batch_size else {}))
     return model
@@ -516,9 +558,13 @@ def _eval_reward(args) -> int:
     pairs = load_preference_pairs(args.data, tie_policy="half")
     if len(pairs) == 0:
         raise RewardCLIError(f"{args.data}: no usable preference pairs ({pairs.summary()})")
+    against = (None if args.against is None
+               else _load_model_or_fail(args.against, args.kind, args.batch_size, flag="--against"))
     result = evaluate_reward(model, pairs, args.dims, batch_size=args.batch_size or 32,
-                             max_pairs=args.max_pairs, progress=True)
+                             max_pairs=args.max_pairs, progress=True, against=against)
     result["model"] = str(args.model)
+    if against is not None:
+        result["against_model"] = str(args.against)
     paths = write_reward_report(result, args.out, f"{Path(args.model).name} on {Path(args.data).name}")
     print(format_table(result))
     print(f"report: {paths['json']}  {paths['plot']}")
@@ -537,6 +583,10 @@ def eval_reward_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["pickscore", "videoreward"], default=None,
                    help="refuse a reward folder of another kind")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--against", default=None, metavar="OTHER_MODEL",
+                   help="another reward model folder scored on the same pairs: the difference of the two accuracies "
+                        "without ties per dimension with a paired 95%% interval (and against the oracle's labels "
+                        "where the data carry them)")
     return p
 
 
