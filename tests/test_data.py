@@ -438,6 +438,30 @@ def test_videoalign_bad_rows_missing_corrupt_unknown_vote(video_dir):
     assert load_preference_pairs(path, verify="decode").stats["skipped_corrupt_media"] == 1
 
 
+def test_videoalign_blank_cells_leave_a_dimension_unlabelled(video_dir):
+    """A blank cell is "not labelled" (out of that dimension's loss and accuracy), not a tie; the overall vote uses
+    the labelled dimensions; a row with no weighted dimension labelled is bad."""
+    from genalign.rewards import collate_reward_pairs
+
+    d, _ = video_dir
+    rows = [
+        va_row("v/a.mp4", "v/b.mp4", "only TA", "", "", "A"),
+        va_row("v/a.mp4", "v/b.mp4", "VQ and TA", "B", " ", "B"),
+        va_row("v/a.mp4", "v/b.mp4", "none", "", "", ""),
+    ]
+    path = write_csv(d / "blank.csv", rows)
+    ds = load_preference_pairs(path, tie_policy="half")
+    assert ds.prompts == ["only TA", "VQ and TA"] and ds.labels == [1.0, 0.0]
+    assert ds.record_info(0)["labels"] == {"TA": 1.0}
+    assert ds.record_info(1)["labels"] == {"VQ": 0.0, "TA": 0.0}
+    assert ds.stats["skipped_bad_label"] == 1 and "row 2" in ds.skipped[0] and "no dimension labelled" in ds.skipped[0]
+    batch = collate_reward_pairs([ds[0], ds[1]])
+    assert "MQ" not in batch["labels"] and torch.isnan(batch["labels"]["VQ"][0])  # NaN: masked in the loss
+    assert batch["labels"]["VQ"][1] == 0.0 and batch["labels"]["TA"].tolist() == [1.0, 0.0]
+    # weighted dimensions all blank: bad, although another dimension is labelled
+    assert load_preference_pairs(path, dims={"MQ": 1}, tie_policy="half").stats["skipped_bad_label"] == 3
+
+
 def test_videoalign_missing_dimension_column(tmp_path):
     path = write_csv(tmp_path / "x.csv", [{"path_A": "a.mp4", "path_B": "b.mp4", "prompt": "p", "VQ": "A"}])
     with pytest.raises(DataError, match=r"x\.csv: missing required column\(s\) 'MQ', 'TA'"):

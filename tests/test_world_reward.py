@@ -2,6 +2,7 @@
 loads with `genalign.rewards.load_reward_model` and agrees with the oracle on clear cases, BUILD.json records how
 it was made, and `genalign world build --only reward` runs end to end at a tiny budget."""
 
+import csv
 import json
 import random
 import shutil
@@ -177,6 +178,10 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
     # stage 2 on the sampled and the render pairs together: one CSV naming both folders' videos
     joined = tmp_path / "rw" / "video-pairs-train-and-renders" / "pairs.csv"
     assert stats["video_stage2_pairs"] == {"path": str(joined), "pairs": 8}
+    with open(joined, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["VQ"], r["MQ"]) for r in rows[4:]] == [("", "")] * 4  # render rows: TA only, as in stage 1
+    assert all(r["TA"] for r in rows) and all(r["VQ"] for r in rows[:4])
     assert f"data={joined}" in stats["videoreward_btt"]["overrides"]
     # shipped only when above chance: at 2 steps on 4 pairs it is not
     assert stats["videoreward_btt"]["shipped"] is None or (out / REWARD_MODEL_DIRS["video"]).is_dir()
@@ -216,6 +221,10 @@ def test_joined_videoalign_csv_reads_as_its_sources_in_order(tmp_path):
         assert (pair.prompt, pair.labels) == (expected.prompt, expected.labels)
         assert torch.equal(torch.as_tensor(pair.media_a), torch.as_tensor(expected.media_a))
         assert torch.equal(torch.as_tensor(pair.media_b), torch.as_tensor(expected.media_b))
+    # the render rows with only the dimension stage 1 trained: VQ and MQ unlabelled (blank), not ties
+    masked = join_videoalign_csvs(tmp_path / "masked" / "pairs.csv", sources, unlabelled={sources[1]: ["VQ", "MQ"]})
+    labels = [pair.labels for pair in load_preference_pairs(masked, tie_policy="half")]
+    assert labels == [apart[0].labels, {"TA": 1.0}, {"TA": 1.0}]
 
 
 def test_renders_in_stage2_needs_render_pairs():

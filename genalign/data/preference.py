@@ -17,7 +17,9 @@ Formats
   are relative to the CSV's folder. The overall label is a weighted vote: `sum(w_d * v_d)` with `v_d = +1`
   (A), `-1` (B), `0` (same); > 0: A wins, < 0: B wins, = 0: tie. `dims` sets the weights (default `{"VQ": 1,
   "MQ": 1, "TA": 1}`; a list means weight 1 each); every weighted dimension is a required column.
-  Per-dimension labels (1.0 / 0.0 / 0.5) are kept in `PreferencePair.labels`.
+  Per-dimension labels (1.0 / 0.0 / 0.5) are kept in `PreferencePair.labels`. A blank cell leaves that
+  dimension unlabelled for the pair (absent from `labels`: out of that dimension's loss and accuracy, not a
+  tie); a row with no weighted dimension labelled is bad.
 - **jsonl**: one object per line, paths relative to the file's folder: `{"prompt": ...,
   "chosen"|"media_a"|"image_a"|"video_a": path, "rejected"|"media_b"|"image_b"|"video_b": path, "label": 1}`.
   `label` is optional (default 1: A wins); 1 / 0 / 0.5 or "A" / "B" / "same". An optional `"labels": {"VQ":
@@ -705,7 +707,10 @@ def _read_videoalign_csv(b: _Builder, path: Path, weights: dict[str, float]) -> 
             line = reader.line_num
             try:
                 prompt = _prompt(rec.get("prompt"), "prompt")
-                labels = {d: _vote(rec.get(d), d) for d in dims}
+                # a blank cell: that dimension is not labelled for this pair (left out of its loss, not a tie)
+                labels = {d: _vote(rec.get(d), d) for d in dims if (rec.get(d) or "").strip()}
+                if not any(weights.get(d) for d in labels):
+                    raise _Bad(",".join(d for d, w in weights.items() if w), "no dimension labelled", "bad_label")
                 label = _mix(labels, weights)
                 refs = []
                 for col in ("path_A", "path_B"):

@@ -80,8 +80,8 @@ class BuildConfig:
     reward_video_render_pairs: int = 4096
     reward_video_render_overrides: dict = field(
         default_factory=lambda: {"max_steps": 1200, "dims": {"VQ": 0, "MQ": 0, "TA": 1}})  # TA only: VQ/MQ tie there
-    # stage 2 on the sampled pairs and the render pairs together (all dimensions), so that fitting the generator's
-    # clips does not forget the text alignment stage 1 taught
+    # stage 2 on the sampled pairs and the render pairs together (the render pairs with the dimensions stage 1
+    # trained, TA), so that fitting the generator's clips does not forget the text alignment stage 1 taught
     reward_video_renders_in_stage2: bool = False
     reward_compare: bool = True  # also train PickScore from scratch and the video model with plain BT (the report)
 

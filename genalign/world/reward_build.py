@@ -114,18 +114,23 @@ def ensure_render_pairs(n: int, seed: int, folder: Path) -> dict[str, Any]:
                        f"--noise 0 --out {folder}"}
 
 
-def join_videoalign_csvs(out: Path, sources: list) -> Path:
+def join_videoalign_csvs(out: Path, sources: list, unlabelled: dict | None = None) -> Path:
     """One VideoAlign CSV with the rows of `sources` in order, video paths rewritten relative to `out`'s folder
-    (the videos stay where they are); columns are the union, blank where a source has none."""
+    (the videos stay where they are); columns are the union, blank where a source has none. `unlabelled`:
+    {source: dimensions} whose labels are blanked in that source's rows (left out of those dimensions' loss)."""
     out = Path(out)
+    unlabelled = {str(k): tuple(v) for k, v in (unlabelled or {}).items()}
     rows, columns = [], []
-    for source in map(Path, sources):
+    for source in sources:
+        blank = unlabelled.get(str(source), ())
+        source = Path(source)
         with open(source, newline="") as fh:
             reader = csv.DictReader(fh)
             columns += [c for c in reader.fieldnames or () if c not in columns]
             for row in reader:
                 for key in ("path_A", "path_B"):
                     row[key] = os.path.relpath((source.parent / row[key]).resolve(), out.parent.resolve())
+                row.update(dict.fromkeys(blank, ""))
                 rows.append(row)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as fh:
@@ -353,8 +358,13 @@ def build_reward_models(out: Path, cfg) -> dict[str, Any]:
                 start = [f"model={result.final_model_dir}"]
             stage2_data = pairs["train"]["path"]
             if cfg.reward_video_renders_in_stage2:
-                stage2_data = str(join_videoalign_csvs(work / "video-pairs-train-and-renders" / "pairs.csv",
-                                                       [stage2_data, stats["video_render_pairs"]["path"]]))
+                # the render pairs keep the labels stage 1 learned (TA by default): their VQ / MQ ties say
+                # nothing about the generator's clips and pulled those scores towards ties
+                renders = stats["video_render_pairs"]["path"]
+                stage1_dims = (cfg.reward_video_render_overrides or {}).get("dims") or {}
+                stage2_data = str(join_videoalign_csvs(
+                    work / "video-pairs-train-and-renders" / "pairs.csv", [stage2_data, renders],
+                    unlabelled={renders: [d for d, w in stage1_dims.items() if not w]}))
                 stats["video_stage2_pairs"] = {"path": stage2_data, "pairs": count_pairs(Path(stage2_data))}
             overrides = [f"data={stage2_data}", f"eval_data={pairs['heldout']['path']}", f"loss={loss}",
                          f"output_dir={work / name.replace('_', '-')}", *common,
