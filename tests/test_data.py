@@ -809,3 +809,37 @@ def test_import_is_light():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_both_video_decoders_give_the_same_frames(tmp_path, monkeypatch):
+    """PyAV (in-process, the default when installed) and imageio's ffmpeg process decode every container the same,
+    lossless RGB and the usual 4:2:0 encodings alike; with either, a file that is not a video is skipped and named."""
+    import imageio.v2 as iio
+
+    from genalign.data import media
+    from genalign.data.media import _decode_video_file, read_video, video_decoder
+
+    assert video_decoder() == "pyav"  # the `video` and `dev` extras install it
+    clips = {"rgb.mp4": write_mp4(tmp_path / "rgb.mp4", vid(3))}
+    smooth = np.broadcast_to(np.linspace(0, 255, 48, dtype=np.uint8)[None, None, :, None], (5, 32, 48, 3)).copy()
+    smooth[:, :16] = vid(4, frames=5, size=48)[:, :16]
+    for name, codec in [("yuv.mp4", "libx264"), ("vp9.webm", "libvpx-vp9"), ("mpeg4.avi", "mpeg4")]:
+        iio.mimwrite(tmp_path / name, smooth, fps=8, codec=codec, macro_block_size=1)
+        clips[name] = tmp_path / name
+    for name, path in clips.items():
+        by_pyav, by_imageio = read_video(path), _decode_video_file(path, "imageio")
+        assert by_pyav.dtype == np.uint8 and by_pyav.shape == by_imageio.shape, name
+        assert np.array_equal(by_pyav, by_imageio), name
+    assert np.array_equal(read_video(clips["rgb.mp4"]), vid(3))  # lossless: the written frames exactly
+    lossy_ramp = read_video(clips["yuv.mp4"])[:, 24:].astype(int)  # rows away from the noise
+    assert np.abs(lossy_ramp - smooth[:, 24:]).mean() < 4  # lossy, but the same picture where it is smooth
+    (tmp_path / "junk.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 8)
+    csv_path = write_csv(tmp_path / "pairs.csv", [va_row("rgb.mp4", "yuv.mp4", "good", "A", "A", "A"),
+                                                   va_row("junk.mp4", "rgb.mp4", "junk", "A", "A", "A")])
+    for decoder in ("pyav", "imageio"):
+        monkeypatch.setattr(media, "video_decoder", lambda decoder=decoder: decoder)
+        ds = load_preference_pairs(csv_path, verify="decode")
+        assert ds.prompts == ["good"] and ds.stats["skipped_corrupt_media"] == 1, decoder
+        assert "row 1, line 3, column 'path_A'" in ds.skipped[0] and "junk.mp4" in ds.skipped[0], decoder
+    with pytest.raises(ValueError, match="unknown video decoder 'cv2'"):
+        _decode_video_file(clips["rgb.mp4"], "cv2")
