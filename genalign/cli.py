@@ -408,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-reward", help="reward-model accuracy with and without ties on held-out pairs")
     p.add_argument("eval_reward_args", nargs=argparse.REMAINDER, help="see `genalign eval-reward -h`")
 
+    p = sub.add_parser("ensemble-reward", help="save reward models of the same dimensions as one ensemble folder "
+                                               "(the weighted mean of their normalised scores)")
+    p.add_argument("ensemble_args", nargs=argparse.REMAINDER, help="see `genalign ensemble-reward -h`")
+
     p = sub.add_parser("sweep", help="guidance strength sweeps: `sweep rlg` (RLG weight) or `sweep nrg` (Flow-NRG "
                                      "weights and strength) -> sweep.json, curve.png, strips.png")
     p.add_argument("sweep_args", nargs=argparse.REMAINDER, help="see `genalign sweep rlg -h` / `genalign sweep nrg -h`")
@@ -511,6 +515,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 # Commands whose module owns its whole argument parser (so `genalign score --help` shows score's own help).
 DELEGATED = {"score": ("genalign.eval.reward_eval", "score_main"),
              "eval-reward": ("genalign.eval.reward_eval", "eval_reward_main"),
+             "ensemble-reward": ("genalign.eval.reward_eval", "ensemble_reward_main"),
              "sweep": ("genalign.eval.sweep", "sweep_main")}
 
 

@@ -6,6 +6,7 @@
 - `CLIPReward` (`clip_reward`): PickScore (arXiv 2305.01569) / HPSv2 (arXiv 2306.09341) style, transformers or
   open_clip backbones;
 - `VideoReward` (`video_reward`): VideoReward-style VQ / MQ / TA reward on Qwen2-VL (arXiv 2501.13918);
+- `EnsembleReward` (`ensemble`): the mean of several reward models of the same dimensions, one folder;
 - `combine_rewards` (`combine`): weighted sums of rewards as one scorer.
 
 The model classes are imported lazily (on first attribute access), so `import genalign.rewards` does not pull
@@ -31,6 +32,7 @@ from .combine import CombinedReward, combine_rewards
 
 _LAZY = {
     "CLIPReward": "clip_reward",
+    "EnsembleReward": "ensemble",
     "build_clip_tokenizer": "clip_reward",
     "tiny_clip_reward": "clip_reward",
     "VideoReward": "video_reward",
@@ -51,6 +53,7 @@ __all__ = [
     "REWARD_CONFIG_NAME",
     "CLIPReward",
     "CombinedReward",
+    "EnsembleReward",
     "RewardInputWarning",
     "RewardLoadError",
     "RewardModel",

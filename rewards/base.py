@@ -70,6 +70,7 @@ FORMAT_VERSION = 1
 REWARD_KINDS: dict[str, tuple[str, str]] = {
     "clip": ("genalign.rewards.clip_reward", "CLIPReward"),
     "video_reward": ("genalign.rewards.video_reward", "VideoReward"),
+    "ensemble": ("genalign.rewards.ensemble", "EnsembleReward"),
 }
 
 

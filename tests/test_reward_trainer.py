@@ -563,3 +563,49 @@ def test_videoreward_from_a_qwen2vl_folder_uses_lora_or_saves_the_fully_trained_
         expected = full(video, "red circle moving left")["Overall"]
         got = load_reward_model(tmp_path / "full_reward")(video, "red circle moving left")["Overall"]
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_ensemble_reward_command_saves_a_fitted_ensemble_that_scores_and_evaluates(trained_pickscore, pickapic,
+                                                                                   tmp_path, capsys):
+    from genalign.rewards import EnsembleReward, tiny_clip_reward, tiny_video_reward
+
+    from genalign.cli import main as cli_main
+
+    _, result, _ = trained_pickscore
+    train, heldout = pickapic
+    first = str(result.final_model_dir)
+    second = str(tiny_clip_reward(seed=5).save_pretrained(tmp_path / "second"))
+    out = tmp_path / "ensemble"
+    assert cli_main(["ensemble-reward", first, second, "--weights", "2,1", "--kind", "pickscore",
+                     "--fit-data", str(train), "--fit-pairs", "40", "--out", str(out)]) == 0
+    assert "the mean of 2 clip reward models" in capsys.readouterr().out
+    ensemble = load_reward_model(out)
+    assert isinstance(ensemble, EnsembleReward) and ensemble.weights == pytest.approx([2 / 3, 1 / 3])
+
+    # its normalisation: mean 0 / std 1 over the media of the first 40 training pairs; raw = the members' mix
+    pairs = load_preference_pairs(train, tie_policy="half")
+    media = [p.media_a for p in (pairs[i] for i in range(40))] + [p.media_b for p in (pairs[i] for i in range(40))]
+    prompts = [pairs[i].prompt for i in range(40)] * 2
+    members = [load_reward_model(first), load_reward_model(second)]
+    with torch.no_grad():
+        mix = 2 / 3 * members[0](media, prompts) + 1 / 3 * members[1](media, prompts)
+        scores = ensemble(media, prompts)
+    assert torch.allclose(ensemble(media, prompts, normalize=False), mix, atol=1e-5)
+    assert scores.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert scores.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+    assert eval_reward_main(["--model", str(out), "--data", str(heldout), "--kind", "pickscore",
+                             "--out", str(tmp_path / "ev")]) == 0
+
+    # bad input: one line naming what is wrong, and nothing written
+    assert cli_main(["ensemble-reward", first, second, "--out", str(out)]) == 2
+    assert "--out" in one_error_line(capsys, "genalign ensemble-reward")
+    assert cli_main(["ensemble-reward", first, second, "--kind", "videoreward", "--out", str(tmp_path / "e2")]) == 2
+    assert "'clip'" in one_error_line(capsys, "genalign ensemble-reward")
+    video = str(tiny_video_reward(seed=1).save_pretrained(tmp_path / "video"))
+    assert cli_main(["ensemble-reward", first, video, "--out", str(tmp_path / "e3")]) == 2
+    assert "member 1 has dimensions" in one_error_line(capsys, "genalign ensemble-reward")
+    assert cli_main(["ensemble-reward", first, second, "--weights", "1,x", "--out", str(tmp_path / "e4")]) == 2
+    assert "--weights" in one_error_line(capsys, "genalign ensemble-reward")
+    assert cli_main(["ensemble-reward", first, str(tmp_path / "nope"), "--out", str(tmp_path / "e5")]) == 2
+    assert "member 1" in one_error_line(capsys, "genalign ensemble-reward")
+    assert not any((tmp_path / name).exists() for name in ("e2", "e3", "e4", "e5", "e5.tmp"))

@@ -521,3 +521,75 @@ def test_combined_reward_is_the_weighted_sum_of_the_named_scores(video_reward):
         combine_rewards({"videoreward.XX": 1.0}, models={"videoreward": video_reward})
     with pytest.raises(KeyError, match="names no model"):
         combine_rewards({"hpsv2": 1.0}, models={"videoreward": video_reward})
+
+
+# ------------------------------------------------------------------------------------------- ensembles
+def test_ensemble_scores_the_weighted_mean_of_the_members_normalised_scores(tmp_path):
+    from genalign.rewards import EnsembleReward
+
+    first, second = tiny_clip_reward(seed=1), tiny_clip_reward(seed=2)
+    first.set_normalization({"score": {"mean": 3.0, "std": 2.0}})
+    second.set_normalization({"score": {"mean": -1.0, "std": 0.5}})
+    batch, prompts = images(5, seed=11), (PROMPTS * 2)[:5]
+    raw_first, raw_second = first(batch, prompts, normalize=False), second(batch, prompts, normalize=False)
+    want = 0.25 * (raw_first - 3.0) / 2.0 + 0.75 * (raw_second + 1.0) / 0.5
+    ensemble = EnsembleReward([first, second], weights=[1, 3])
+    assert ensemble.weights == [0.25, 0.75] and ensemble.dimensions == ("score",)
+    assert torch.allclose(ensemble(batch, prompts), want, atol=1e-5)  # the ensemble's own normalisation: identity
+    one_prompt = [first(batch[:3], "red circle", normalize=False), second(batch[:3], "red circle", normalize=False)]
+    want_probs = 0.25 * torch.softmax(one_prompt[0], 0) + 0.75 * torch.softmax(one_prompt[1], 0)
+    assert torch.allclose(ensemble.probs(batch[:3], "red circle"), want_probs, atol=1e-6)
+
+    ensemble.set_normalization({"score": {"mean": 0.5, "std": 4.0}})
+    ensemble.save_pretrained(tmp_path / "ens")
+    saved = json.loads((tmp_path / "ens" / "genalign_reward.json").read_text())
+    assert saved["kind"] == "ensemble" and saved["config"]["members"] == ["member-0", "member-1"]
+    assert saved["config"]["member_kinds"] == ["clip", "clip"]
+    loaded = load_reward_model(tmp_path / "ens")
+    assert type(loaded).__name__ == "EnsembleReward"
+    assert torch.allclose(loaded(batch, prompts), (want - 0.5) / 4.0, atol=1e-5)
+    assert torch.allclose(loaded(batch, prompts, normalize=False), want, atol=1e-5)
+
+    # differentiable: gradients reach the pixels through every member, for scores and probs alike
+    grad_model = load_reward_model(tmp_path / "ens", differentiable=True)
+    assert all(m.differentiable for m in grad_model.members)
+    pixels = torch.rand(3, 3, 32, 32, requires_grad=True)
+    (grad_model(pixels, PROMPTS).sum() + grad_model.probs(pixels, "red circle")[0]).backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+    assert not load_reward_model(tmp_path / "ens")(pixels, PROMPTS).requires_grad
+
+
+def test_ensemble_of_video_rewards_keeps_their_dimensions_and_overall_sum(video_reward):
+    from genalign.rewards import EnsembleReward
+
+    other = tiny_video_reward(seed=9)
+    videos, prompts = clips(2, seed=12), ["red circle moving left", "blue square still"]
+    ensemble = EnsembleReward([video_reward, other])
+    scores = ensemble(videos, prompts)
+    assert set(scores) == {"VQ", "MQ", "TA", "Overall"}
+    a, b = video_reward(videos, prompts), other(videos, prompts)  # normalised (identity here) member scores
+    for dim in ("VQ", "MQ", "TA"):
+        assert torch.allclose(scores[dim], 0.5 * (a[dim] + b[dim]), atol=1e-5)
+    assert torch.allclose(scores["Overall"], scores["VQ"] + scores["MQ"] + scores["TA"], atol=1e-5)
+
+
+def test_ensemble_refuses_members_of_other_dimensions_bad_weights_and_missing_folders(tmp_path, video_reward):
+    from genalign.rewards import EnsembleReward
+
+    clip_a, clip_b = tiny_clip_reward(seed=1), tiny_clip_reward(seed=2)
+    with pytest.raises(ValueError, match=r"member 1 has dimensions \['VQ', 'MQ', 'TA'\]"):
+        EnsembleReward([clip_a, video_reward])
+    with pytest.raises(ValueError, match="3 weights for 2"):
+        EnsembleReward([clip_a, clip_b], weights=[1, 1, 1])
+    with pytest.raises(ValueError, match=">= 0"):
+        EnsembleReward([clip_a, clip_b], weights=[1, -1])
+    with pytest.raises(ValueError, match="at least one"):
+        EnsembleReward([])
+    with pytest.raises(NotImplementedError, match="train each member"):
+        EnsembleReward([clip_a, clip_b]).loss([])
+    EnsembleReward([clip_a, clip_b]).save_pretrained(tmp_path / "ens")
+    import shutil
+
+    shutil.rmtree(tmp_path / "ens" / "member-1")
+    with pytest.raises(RewardLoadError, match="member folder 'member-1' is missing"):
+        load_reward_model(tmp_path / "ens")

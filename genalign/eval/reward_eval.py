@@ -420,12 +420,15 @@ def format_table(result: dict[str, Any]) -> str:
 def _load_model_or_fail(path: str, kind: str | None, batch_size: int | None = None, normalize: bool = True,
                         flag: str = "--model"):
     from ..rewards import detect_reward_kind, load_reward_model
+    from ..rewards.base import read_reward_config
 
     kinds = {"pickscore": "clip", "clip": "clip", "videoreward": "video_reward", "video_reward": "video_reward"}
     if not Path(path).exists():
         raise RewardCLIError(f"{flag} {path!r}: no such reward model folder")
     if kind is not None:
         found = detect_reward_kind(path)
+        if found == "ensemble":  # an ensemble is of its members' kind
+            found = "/".join(sorted(set(read_reward_config(path).get("config", {}).get("member_kinds", ["?"]))))
         if found != kinds[kind]:
             raise RewardCLIError(f"{flag} {path!r} holds a {found!r} reward model, not a {kinds[kind]!r} one "
                                  f"(--kind {kind})")
@@ -594,6 +597,71 @@ def eval_reward_main(argv: list[str] | None = None) -> int:
     """`genalign eval-reward --model REWARD_DIR --data PAIRS --out DIR`."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return _run("genalign eval-reward", _eval_reward, eval_reward_parser().parse_args(argv))
+
+
+def _ensemble_reward(args) -> int:
+    from ..rewards import EnsembleReward
+
+    if len(args.members) < 2:
+        raise RewardCLIError("an ensemble needs at least two member reward folders")
+    weights = None
+    if args.weights is not None:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError as e:
+            raise RewardCLIError(f"--weights {args.weights!r}: not comma-separated numbers") from e
+    members = [_load_model_or_fail(m, args.kind, flag=f"member {i}") for i, m in enumerate(args.members)]
+    try:
+        ensemble = EnsembleReward(members, weights)
+    except ValueError as e:
+        raise RewardCLIError(str(e)) from e
+    if args.fit_data:
+        from ..data import load_preference_pairs
+        from ..trainers.reward import fit_normalization_on_pairs
+
+        pairs = load_preference_pairs(args.fit_data, tie_policy="half")
+        indices = list(range(min(len(pairs), args.fit_pairs)))
+        if not indices:
+            raise RewardCLIError(f"--fit-data {args.fit_data}: no usable preference pairs ({pairs.summary()})")
+        fit_normalization_on_pairs(ensemble, pairs, indices)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise RewardCLIError(f"--out {str(out)!r} exists and is not empty: choose a new folder")
+    tmp = out.with_name(out.name + ".tmp")  # written whole, then renamed: a stopped run leaves no half ensemble
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    ensemble.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    norm = ", ".join(f"{d} mean {v['mean']:.4g} std {v['std']:.4g}" for d, v in ensemble.normalization.items())
+    print(f"wrote {out}: the mean of {len(members)} {members[0].kind} reward models, weights "
+          f"{[round(w, 4) for w in ensemble.weights]}; normalisation {norm}")
+    return 0
+
+
+def ensemble_reward_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genalign ensemble-reward", description="Save reward models of the same "
+                                "dimensions as one ensemble folder: its scores are the weighted mean of the members' "
+                                "normalised scores (genalign.rewards.EnsembleReward); load it like any reward model.")
+    p.add_argument("members", nargs="+", help="two or more reward model folders")
+    p.add_argument("--out", required=True, help="the new ensemble folder (must not exist or be empty)")
+    p.add_argument("--weights", default=None, help="comma-separated member weights (default: equal)")
+    p.add_argument("--kind", choices=["pickscore", "videoreward"], default=None,
+                   help="refuse member folders of another kind")
+    p.add_argument("--fit-data", default=None, metavar="PAIRS",
+                   help="preference pairs whose media (A and B) set the ensemble's own normalisation (mean 0, "
+                        "std 1 there); default: none (the mean of the members' normalised scores as it is)")
+    p.add_argument("--fit-pairs", type=int, default=2048, help="the first N pairs of --fit-data (default 2048)")
+    return p
+
+
+def ensemble_reward_main(argv: list[str] | None = None) -> int:
+    """`genalign ensemble-reward MEMBER MEMBER ... --out DIR [--weights W,W] [--fit-data PAIRS]`."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return _run("genalign ensemble-reward", _ensemble_reward, ensemble_reward_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

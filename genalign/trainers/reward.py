@@ -33,6 +33,7 @@ import math
 import os
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -344,6 +345,30 @@ def random_shift(pixels: list[torch.Tensor], max_shift: int, generator: torch.Ge
     return out
 
 
+@torch.no_grad()
+def fit_normalization_on_pairs(model, pairs, indices: Sequence[int], batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """Set each dimension's normalisation of `model` to the mean / std of its raw scores of the media (A and B) of
+    `pairs[i]`, i in `indices` (a reward trainer's training pairs; an ensemble's); returns the statistics."""
+    from ..eval.reward_eval import score_pairs
+
+    before = model.normalize
+    model.normalize = False
+    try:
+        with eval_mode(model):
+            raw = score_pairs(model, pairs, indices, batch_size=batch_size)
+    finally:
+        model.normalize = before
+    stats = {}
+    for d in model.dimensions:
+        x = torch.from_numpy(np.concatenate(raw[d])).double()
+        std = float(x.std(unbiased=False)) if x.numel() > 1 else 1.0
+        stats[d] = {"mean": float(x.mean()), "std": std if std > 1e-8 else 1.0}
+    model.set_normalization(stats)
+    logger.info("normalisation fitted on %d media: %s", 2 * len(indices),
+                ", ".join(f"{d} mean {s['mean']:.4g} std {s['std']:.4g}" for d, s in stats.items()))
+    return stats
+
+
 class PreloadedPairs(torch.utils.data.Dataset):
     """Every pair of a dataset decoded once and kept in memory.
 
@@ -500,29 +525,10 @@ class RewardTrainer(Trainer):
             indices = sorted(random.Random(self.config.seed).sample(indices, k))
         return indices
 
-    @torch.no_grad()
     def fit_normalization(self) -> dict[str, dict[str, float]]:
         """Mean / std of the raw scores of the training pairs' media (A and B), per dimension; set on the model."""
-        from ..eval.reward_eval import score_pairs
-
-        indices = self._normalization_pairs()
-        model = self.model
-        before = model.normalize
-        model.normalize = False
-        try:
-            with eval_mode(model):
-                raw = score_pairs(model, self.train_dataset, indices, batch_size=max(8, self.config.batch_size))
-        finally:
-            model.normalize = before
-        stats = {}
-        for d in model.dimensions:
-            x = torch.from_numpy(np.concatenate(raw[d])).double()
-            std = float(x.std(unbiased=False)) if x.numel() > 1 else 1.0
-            stats[d] = {"mean": float(x.mean()), "std": std if std > 1e-8 else 1.0}
-        model.set_normalization(stats)
-        logger.info("normalisation fitted on %d training media: %s", 2 * len(indices),
-                    ", ".join(f"{d} mean {s['mean']:.4g} std {s['std']:.4g}" for d, s in stats.items()))
-        return stats
+        return fit_normalization_on_pairs(self.model, self.train_dataset, self._normalization_pairs(),
+                                          batch_size=max(8, self.config.batch_size))
 
     def save_model(self, directory: Path) -> None:
         """`save_pretrained` of the reward model. At the final step the normalisation is fitted first (once per
