@@ -32,9 +32,10 @@ def test_shipped_image_reward_prefers_the_oracles_choice_on_clean_vs_wrong_rende
     from genalign.rewards import CLIPReward, load_reward_model
 
     path = reward_model_path("image")
-    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < 6_000_000
     model = load_reward_model(path)
-    assert isinstance(model, CLIPReward)
+    members = getattr(model, "members", [model])  # an EnsembleReward of PickScore models, or one
+    assert all(isinstance(m, CLIPReward) for m in members)
+    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < 6_000_000 * len(members)
     rng, nrng = random.Random(0), np.random.default_rng(0)
     held = image_splits().heldout
     prompts = [rng.choice(held) for _ in range(96)]
@@ -187,9 +188,26 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
     assert stats["videoreward_btt"]["shipped"] is None or (out / REWARD_MODEL_DIRS["video"]).is_dir()
     # a rebuild in the same work folder trains afresh (the runs' checkpoints are not in its way), reusing the pairs
     assert any((tmp_path / "rw" / "pickscore").glob("checkpoint-*"))
-    build_world(out, replace(cfg, reward_kinds=("image",), reward_compare=False), ("reward",))
+    # ... here with two members, seeds 0 and 1: the shipped image reward is their ensemble
+    build_world(out, replace(cfg, reward_kinds=("image",), reward_compare=False, reward_image_members=2), ("reward",))
     again = json.loads((out / "BUILD.json").read_text())["reward"]["stats"]
     assert again["image_pairs"]["train"]["reused"] and again["pickscore"]["heldout"] != {}
+    assert again["pickscore"]["overrides"][-1] == "seed=0" and again["pickscore_member1"]["overrides"][-1] == "seed=1"
+    assert again["clip_pretrain_member1"]["overrides"][-1] == "seed=1"  # its own stage 1, fine-tuned by member 1
+    assert f"model={tmp_path / 'rw' / 'clip-pretrain-member1' / 'clip'}" in again["pickscore_member1"]["overrides"]
+    assert "pickscore_from_scratch" not in again
+    entry = again["pickscore_ensemble"]
+    assert entry["shipped"] == REWARD_MODEL_DIRS["image"] and set(entry["heldout"]["score"]) >= {"accuracy_with_ties"}
+    members = [load_reward_model(d) for d in entry["members"]]
+    shipped_ensemble = load_reward_model(out / REWARD_MODEL_DIRS["image"])
+    assert shipped_ensemble.kind == "ensemble" and [m.kind for m in shipped_ensemble.members] == ["clip", "clip"]
+    norm = shipped_ensemble.normalization["score"]
+    assert norm == entry["normalization"]["score"] and norm != {"mean": 0.0, "std": 1.0}
+    pictures = [to_uint8(render_image(p, i)) for i, p in enumerate(image_splits().heldout[:3])]
+    prompts = image_splits().heldout[:3]
+    mean_of_members = (members[0](pictures, prompts) + members[1](pictures, prompts)) / 2
+    assert torch.allclose(shipped_ensemble(pictures, prompts), (mean_of_members - norm["mean"]) / norm["std"],
+                          atol=1e-5)
 
 
 def test_joined_videoalign_csv_reads_as_its_sources_in_order(tmp_path):

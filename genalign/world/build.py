@@ -68,6 +68,9 @@ class BuildConfig:
                                                                  "composition_negatives": 0.5})
     reward_pickscore_recipe: str = "reward_pickscore_world_pretrained"  # stage 2: PickScore fine-tuning
     reward_pickscore_overrides: dict = field(default_factory=lambda: {"max_steps": 9000})  # 5 epochs of 57344
+    # image reward members, each its own stage 1 and stage 2 with seed seed + j: more than one ships their mean
+    # (an EnsembleReward)
+    reward_image_members: int = 1
     reward_video_pairs: int = 3072  # about 0.6 s each on 2 busy cores (sampling, oracle, MP4): 31 min
     # K > 2: every two of K clips per prompt a pair, as for images; K = 8 (12288 pairs from 3512 clips) measured no
     # better than the 3072 two-clip pairs (README), so two stays the default
@@ -89,6 +92,8 @@ class BuildConfig:
         unknown = sorted(set(self.reward_kinds) - {"image", "video"})
         if unknown:  # a misspelt kind would otherwise build nothing, silently
             raise ConfigError(f"config key 'reward_kinds': {unknown} are not reward kinds (image, video)")
+        if self.reward_image_members < 1:
+            raise ConfigError(f"config key 'reward_image_members': at least 1, got {self.reward_image_members}")
         if self.reward_video_renders_in_stage2 and not self.reward_video_render_pairs:
             raise ConfigError("config key 'reward_video_renders_in_stage2': needs reward_video_render_pairs > 0")
 

@@ -201,12 +201,29 @@ def train_reward(recipe: str, overrides: list[str]) -> tuple[Any, Any, float]:
     return trainer, result, time.time() - t0
 
 
-def ship(src: Path, target: Path) -> int:
-    """Copy a reward model folder into the assets atomically; returns its size in bytes (refused over 6 MB)."""
+def ensemble_of(member_dirs: list[Path], trainer, heldout: str, folder: Path) -> dict[str, Any]:
+    """The members' `EnsembleReward`, its normalisation fitted on the media of the training pairs the first
+    member's was (`trainer`: that member's), saved to `folder`; returns its BUILD.json entry."""
+    from ..eval.reward_eval import evaluate_reward
+    from ..rewards import EnsembleReward, load_reward_model
+    from ..trainers.reward import fit_normalization_on_pairs
+
+    ensemble = EnsembleReward([load_reward_model(d) for d in member_dirs])
+    fit_normalization_on_pairs(ensemble, trainer.train_dataset, trainer._normalization_pairs())
+    fresh_run(folder)
+    ensemble.save_pretrained(folder)
+    return {"members": [str(d) for d in member_dirs], "bytes": folder_bytes(folder),
+            "command": f"genalign ensemble-reward {' '.join(str(d) for d in member_dirs)} --out {folder}",
+            "normalization": ensemble.normalization, "heldout": summarize_eval(evaluate_reward(ensemble, heldout))}
+
+
+def ship(src: Path, target: Path, members: int = 1) -> int:
+    """Copy a reward model folder into the assets atomically; returns its size in bytes (refused over 6 MB a
+    member: an ensemble of `members` models may take that many times the limit)."""
     size = folder_bytes(src)
-    if size >= REWARD_MAX_BYTES:
+    if size >= REWARD_MAX_BYTES * members:
         raise RuntimeError(f"the reward model at {src} has {size} bytes, over the {REWARD_MAX_BYTES}-byte limit of a "
-                           "shipped asset: make it smaller in its recipe")
+                           f"shipped asset{' per member' if members > 1 else ''}: make it smaller in its recipe")
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
@@ -298,36 +315,53 @@ def build_reward_models(out: Path, cfg) -> dict[str, Any]:
                                          Path(cfg.latent_reward_workdir) / "pairs-heldout")}
         stats["image_pairs"] = pairs
 
-        # stage 1: the world CLIP
-        clip_overrides = [f"output_dir={fresh_run(work / 'clip-pretrain')}", *common,
-                          *as_overrides(cfg.reward_clip_overrides)]
-        t0 = time.time()
-        clip_trainer = CLIPPretrainTrainer.from_config(
-            load_config(CLIPPretrainConfig, recipe_path(cfg.reward_clip_recipe), clip_overrides))
-        clip_result = clip_trainer.train()
-        stats["clip_pretrain"] = {
-            "recipe": cfg.reward_clip_recipe, "overrides": clip_overrides, "seconds": round(time.time() - t0, 1),
-            "pool_seconds": round(clip_trainer.pool_seconds, 1), "pool_pictures": len(clip_trainer.pool.images),
-            "zero_shot_heldout": clip_trainer.zero_shot,
-            "final_metrics": {k: v for k, v in clip_result.last_metrics.items() if isinstance(v, (int, float))}}
-        clip_dir = clip_result.final_model_dir
+        # stage 1: the world CLIP, one per ensemble member (seeds seed, seed + 1, ...): members fine-tuned from one
+        # CLIP err alike (README), from CLIPs pretrained apart less so
+        clip_dirs = []
+        for j in range(cfg.reward_image_members):
+            name = "clip_pretrain" if j == 0 else f"clip_pretrain_member{j}"
+            clip_overrides = [f"output_dir={fresh_run(work / name.replace('_', '-'))}", *common,
+                              *as_overrides(cfg.reward_clip_overrides), f"seed={cfg.seed + j}"]
+            t0 = time.time()
+            clip_trainer = CLIPPretrainTrainer.from_config(
+                load_config(CLIPPretrainConfig, recipe_path(cfg.reward_clip_recipe), clip_overrides))
+            clip_result = clip_trainer.train()
+            stats[name] = {
+                "recipe": cfg.reward_clip_recipe, "overrides": clip_overrides, "seconds": round(time.time() - t0, 1),
+                "pool_seconds": round(clip_trainer.pool_seconds, 1), "pool_pictures": len(clip_trainer.pool.images),
+                "zero_shot_heldout": clip_trainer.zero_shot,
+                "final_metrics": {k: v for k, v in clip_result.last_metrics.items() if isinstance(v, (int, float))}}
+            clip_dirs.append(clip_result.final_model_dir)
 
-        # stage 2: PickScore fine-tuning (and, for the record, the same from scratch)
+        # stage 2: PickScore fine-tuning of each member's CLIP (seed seed + j), and, for the record, the same from
+        # scratch
         tuned = as_overrides(cfg.reward_pickscore_overrides)
-        runs = [("pickscore", cfg.reward_pickscore_recipe, [f"model={clip_dir}", *tuned])]
+        members = [("pickscore" if j == 0 else f"pickscore_member{j}", cfg.seed + j)
+                   for j in range(cfg.reward_image_members)]
+        runs = [(name, cfg.reward_pickscore_recipe, [f"model={clip_dir}", *tuned], seed)
+                for (name, seed), clip_dir in zip(members, clip_dirs)]
         if cfg.reward_compare:  # the same data from a random-init CLIP (its own recipe; the same budget overrides)
             scratch = [o for o in tuned if o.split("=", 1)[0] not in ("lr", "model")]
-            runs.append(("pickscore_from_scratch", "reward_pickscore_world", ["model=world", *scratch]))
-        for name, recipe, extra in runs:
+            runs.append(("pickscore_from_scratch", "reward_pickscore_world", ["model=world", *scratch], cfg.seed))
+        member_dirs, first_trainer = [], None
+        for name, recipe, extra, seed in runs:
             overrides = [*extra, f"data={pairs['train']['path']}", f"eval_data={pairs['heldout']['path']}",
-                         f"output_dir={work / name.replace('_', '-')}", *common]
+                         f"output_dir={work / name.replace('_', '-')}", *common, f"seed={seed}"]
             trainer, result, seconds = train_reward(recipe, overrides)
             stats[name] = {"recipe": recipe, "overrides": overrides, "seconds": round(seconds, 1),
                            "bytes": folder_bytes(result.final_model_dir),
                            "heldout": summarize_eval(trainer.eval_result)}
-            if name == "pickscore":
-                stats[name]["shipped"] = REWARD_MODEL_DIRS["image"]
-                ship(result.final_model_dir, out / REWARD_MODEL_DIRS["image"])
+            if name.startswith("pickscore") and name != "pickscore_from_scratch":
+                member_dirs.append(result.final_model_dir)
+                first_trainer = first_trainer or trainer
+        shipped = member_dirs[0]
+        if len(member_dirs) > 1:
+            shipped = work / "pickscore-ensemble"
+            stats["pickscore_ensemble"] = ensemble_of(member_dirs, first_trainer, pairs["heldout"]["path"], shipped)
+            stats["pickscore_ensemble"]["shipped"] = REWARD_MODEL_DIRS["image"]
+        else:
+            stats["pickscore"]["shipped"] = REWARD_MODEL_DIRS["image"]
+        ship(shipped, out / REWARD_MODEL_DIRS["image"], members=len(member_dirs))
 
     if "video" in kinds:
         model_dir = out / "video-base"
