@@ -169,3 +169,14 @@ def test_memory_tools_world_reports_each_setting_against_plain(tmp_path):
     assert plain["resting_mb"] == ff["resting_mb"] > 0  # the same model and LoRA
     assert plain["peak_ratio"] == 1.0 and 0 < ff["step_rise_mb"] < plain["step_rise_mb"]
     assert ff["peak_ratio"] == pytest.approx(ff["peak_mb"] / plain["peak_mb"])
+
+
+def test_video_decode_benchmark_compares_both_decoders_on_the_same_frames(tmp_path):
+    out = tmp_path / "decode.json"
+    run_script("video_decode.py", "--clips", "3", "--threads", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert [(r["encoding"], r["threads"]) for r in report["results"]] == [("libx264rgb lossless", 1),
+                                                                         ("libx264 yuv420p", 1)]
+    for r in report["results"]:
+        assert r["same_frames"] and r["pyav_files_per_s"] > 0 and r["imageio_files_per_s"] > 0
+        assert r["ratio"] == pytest.approx(r["pyav_files_per_s"] / r["imageio_files_per_s"], rel=0.05)

@@ -826,6 +826,10 @@ def test_both_video_decoders_give_the_same_frames(tmp_path, monkeypatch):
     for name, codec in [("yuv.mp4", "libx264"), ("vp9.webm", "libvpx-vp9"), ("mpeg4.avi", "mpeg4")]:
         iio.mimwrite(tmp_path / name, smooth, fps=8, codec=codec, macro_block_size=1)
         clips[name] = tmp_path / name
+    large = np.repeat(np.repeat(smooth[:3], 9, axis=1), 7, axis=2)  # 288 x 336: past SMALL_FRAME_AREA, threaded
+    assert large.shape[1] * large.shape[2] > media.SMALL_FRAME_AREA
+    iio.mimwrite(tmp_path / "large.mp4", large, fps=8, codec="libx264", macro_block_size=1)
+    clips["large.mp4"] = tmp_path / "large.mp4"
     for name, path in clips.items():
         by_pyav, by_imageio = read_video(path), _decode_video_file(path, "imageio")
         assert by_pyav.dtype == np.uint8 and by_pyav.shape == by_imageio.shape, name

@@ -6,8 +6,8 @@ Conventions (used by every reader and by the cache):
 - a video is a uint8 numpy array (F, H, W, 3). Video files are `.mp4 .webm .mov .mkv .avi .m4v`, `.gif` (every
   frame, read with Pillow) or a folder of frame images (sorted by the numbers in their names, then by name).
   Video files are decoded in-process by PyAV (`av`, in the `video` extra) when it is installed, else by imageio +
-  imageio-ffmpeg, which starts an `ffmpeg` process per file (about 9x slower on the world's 8-frame clips; both
-  give the same pixels: ffmpeg's libraries convert to RGB either way, tested);
+  imageio-ffmpeg, which starts an `ffmpeg` process per file (24-67x slower on 8-frame 32x32 clips:
+  `benchmarks/video_decode.py`; both give the same pixels: ffmpeg's libraries convert to RGB either way, tested);
 - model pixels are float tensors in [-1, 1]: (3, H, W) for an image, (3, F, H, W) for a video.
 
 Checks come in levels (the `verify` argument of the readers):
@@ -38,6 +38,7 @@ from PIL import Image
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif"}
 VERIFY_LEVELS = ("none", "exists", "header", "decode")
+SMALL_FRAME_AREA = 256 * 256  # pixels; PyAV decodes videos up to this frame size on one thread
 
 
 class MediaCheckError(Exception):
@@ -116,7 +117,13 @@ def _decode_video_file(path: Path, decoder: str) -> np.ndarray:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise MediaCheckError(f"{str(path)!r} holds no video stream")
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+            stream = container.streams.video[0]
+            # Small frames: one thread for decoding and for the colour conversion. FFmpeg's default starts a pool
+            # per file and per conversion, whose start-up and hand-offs cost more than the work: 32x32 clips went
+            # from 16 to 450 files/s with both cores busy. Callers decode several files at once instead.
+            threads = 1 if stream.codec_context.width * stream.codec_context.height <= SMALL_FRAME_AREA else 0
+            stream.codec_context.thread_count = threads
+            frames = [f.to_ndarray(format="rgb24", threads=threads) for f in container.decode(stream)]
         if not frames:
             raise MediaCheckError(f"{str(path)!r} holds no decodable frame")
         return np.stack(frames)
