@@ -133,12 +133,15 @@ def label_video_pairs(a: np.ndarray, b: np.ndarray, prompts: list[str], annotato
 
 
 def write_videoalign_csv(rows: list[dict], path: str | Path) -> Path:
+    """Rows as a VideoAlign CSV; the columns are every row's keys in order of appearance, blank where a row has
+    none (a blank label cell reads as "not labelled")."""
     import csv
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
     return path

@@ -118,26 +118,21 @@ def join_videoalign_csvs(out: Path, sources: list, unlabelled: dict | None = Non
     """One VideoAlign CSV with the rows of `sources` in order, video paths rewritten relative to `out`'s folder
     (the videos stay where they are); columns are the union, blank where a source has none. `unlabelled`:
     {source: dimensions} whose labels are blanked in that source's rows (left out of those dimensions' loss)."""
+    from .annotators import write_videoalign_csv
+
     out = Path(out)
     unlabelled = {str(k): tuple(v) for k, v in (unlabelled or {}).items()}
-    rows, columns = [], []
+    rows = []
     for source in sources:
         blank = unlabelled.get(str(source), ())
         source = Path(source)
         with open(source, newline="") as fh:
-            reader = csv.DictReader(fh)
-            columns += [c for c in reader.fieldnames or () if c not in columns]
-            for row in reader:
+            for row in csv.DictReader(fh):
                 for key in ("path_A", "path_B"):
                     row[key] = os.path.relpath((source.parent / row[key]).resolve(), out.parent.resolve())
                 row.update(dict.fromkeys(blank, ""))
                 rows.append(row)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    return out
+    return write_videoalign_csv(rows, out)
 
 
 def folder_bytes(path: Path) -> int:
