@@ -577,15 +577,17 @@ def test_ensemble_reward_command_saves_a_fitted_ensemble_that_scores_and_evaluat
     second = str(tiny_clip_reward(seed=5).save_pretrained(tmp_path / "second"))
     out = tmp_path / "ensemble"
     assert cli_main(["ensemble-reward", first, second, "--weights", "2,1", "--kind", "pickscore",
-                     "--fit-data", str(train), "--fit-pairs", "40", "--out", str(out)]) == 0
+                     "--fit-data", str(train), "--fit-pairs", "40", "--fit-seed", "3", "--out", str(out)]) == 0
     assert "the mean of 2 clip reward models" in capsys.readouterr().out
     ensemble = load_reward_model(out)
     assert isinstance(ensemble, EnsembleReward) and ensemble.weights == pytest.approx([2 / 3, 1 / 3])
 
-    # its normalisation: mean 0 / std 1 over the media of the first 40 training pairs; raw = the members' mix
+    # its normalisation: mean 0 / std 1 over the media of 40 training pairs drawn as the trainer draws them with
+    # seed 3; raw = the members' mix
     pairs = load_preference_pairs(train, tie_policy="half")
-    media = [p.media_a for p in (pairs[i] for i in range(40))] + [p.media_b for p in (pairs[i] for i in range(40))]
-    prompts = [pairs[i].prompt for i in range(40)] * 2
+    drawn = sorted(random.Random(3).sample(range(len(pairs)), 40))
+    media = [pairs[i].media_a for i in drawn] + [pairs[i].media_b for i in drawn]
+    prompts = [pairs[i].prompt for i in drawn] * 2
     members = [load_reward_model(first), load_reward_model(second)]
     with torch.no_grad():
         mix = 2 / 3 * members[0](media, prompts) + 1 / 3 * members[1](media, prompts)

@@ -188,24 +188,28 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
     assert stats["videoreward_btt"]["shipped"] is None or (out / REWARD_MODEL_DIRS["video"]).is_dir()
     # a rebuild in the same work folder trains afresh (the runs' checkpoints are not in its way), reusing the pairs
     assert any((tmp_path / "rw" / "pickscore").glob("checkpoint-*"))
-    # ... here with two members, seeds 0 and 1: the shipped image reward is their ensemble
-    build_world(out, replace(cfg, reward_kinds=("image",), reward_compare=False, reward_image_members=2), ("reward",))
+    # ... here with two pretrained members, seeds 0 and 1, and the from-scratch run: the shipped image reward is
+    # their ensemble
+    build_world(out, replace(cfg, reward_kinds=("image",), reward_compare=False, reward_image_members=2,
+                             reward_image_scratch_member=True), ("reward",))
     again = json.loads((out / "BUILD.json").read_text())["reward"]["stats"]
     assert again["image_pairs"]["train"]["reused"] and again["pickscore"]["heldout"] != {}
     assert again["pickscore"]["overrides"][-1] == "seed=0" and again["pickscore_member1"]["overrides"][-1] == "seed=1"
     assert again["clip_pretrain_member1"]["overrides"][-1] == "seed=1"  # its own stage 1, fine-tuned by member 1
     assert f"model={tmp_path / 'rw' / 'clip-pretrain-member1' / 'clip'}" in again["pickscore_member1"]["overrides"]
-    assert "pickscore_from_scratch" not in again
     entry = again["pickscore_ensemble"]
+    assert entry["members"] == [str(tmp_path / "rw" / run / "reward_model")
+                                for run in ("pickscore", "pickscore-member1", "pickscore-from-scratch")]
     assert entry["shipped"] == REWARD_MODEL_DIRS["image"] and set(entry["heldout"]["score"]) >= {"accuracy_with_ties"}
     members = [load_reward_model(d) for d in entry["members"]]
     shipped_ensemble = load_reward_model(out / REWARD_MODEL_DIRS["image"])
-    assert shipped_ensemble.kind == "ensemble" and [m.kind for m in shipped_ensemble.members] == ["clip", "clip"]
+    assert shipped_ensemble.kind == "ensemble" and [m.kind for m in shipped_ensemble.members] == ["clip"] * 3
+    assert "--fit-pairs 2 --fit-seed 0 --out" in entry["command"]  # the command that remakes it
     norm = shipped_ensemble.normalization["score"]
     assert norm == entry["normalization"]["score"] and norm != {"mean": 0.0, "std": 1.0}
     pictures = [to_uint8(render_image(p, i)) for i, p in enumerate(image_splits().heldout[:3])]
     prompts = image_splits().heldout[:3]
-    mean_of_members = (members[0](pictures, prompts) + members[1](pictures, prompts)) / 2
+    mean_of_members = sum(member(pictures, prompts) for member in members) / 3
     assert torch.allclose(shipped_ensemble(pictures, prompts), (mean_of_members - norm["mean"]) / norm["std"],
                           atol=1e-5)
 

@@ -617,10 +617,10 @@ def _ensemble_reward(args) -> int:
         raise RewardCLIError(str(e)) from e
     if args.fit_data:
         from ..data import load_preference_pairs
-        from ..trainers.reward import fit_normalization_on_pairs
+        from ..trainers.reward import fit_normalization_on_pairs, normalization_indices
 
         pairs = load_preference_pairs(args.fit_data, tie_policy="half")
-        indices = list(range(min(len(pairs), args.fit_pairs)))
+        indices = normalization_indices(len(pairs), args.fit_pairs, args.fit_seed)  # as `genalign train reward`
         if not indices:
             raise RewardCLIError(f"--fit-data {args.fit_data}: no usable preference pairs ({pairs.summary()})")
         fit_normalization_on_pairs(ensemble, pairs, indices)
@@ -654,7 +654,10 @@ def ensemble_reward_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-data", default=None, metavar="PAIRS",
                    help="preference pairs whose media (A and B) set the ensemble's own normalisation (mean 0, "
                         "std 1 there); default: none (the mean of the members' normalised scores as it is)")
-    p.add_argument("--fit-pairs", type=int, default=2048, help="the first N pairs of --fit-data (default 2048)")
+    p.add_argument("--fit-pairs", type=int, default=1024,
+                   help="N pairs of --fit-data drawn with --fit-seed, as `genalign train reward` draws its "
+                        "normalization_pairs (default 1024, as there; 0: all)")
+    p.add_argument("--fit-seed", type=int, default=0, help="the seed of that draw (the trainer's seed; default 0)")
     return p
 
 

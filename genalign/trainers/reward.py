@@ -345,6 +345,14 @@ def random_shift(pixels: list[torch.Tensor], max_shift: int, generator: torch.Ge
     return out
 
 
+def normalization_indices(n: int, k: int, seed: int) -> list[int]:
+    """The pairs whose media fit a reward model's normalisation: all n, or k of them drawn with `seed`, in order."""
+    indices = list(range(n))
+    if k and k < n:
+        indices = sorted(random.Random(seed).sample(indices, k))
+    return indices
+
+
 @torch.no_grad()
 def fit_normalization_on_pairs(model, pairs, indices: Sequence[int], batch_size: int = 32) -> dict[str, dict[str, float]]:
     """Set each dimension's normalisation of `model` to the mean / std of its raw scores of the media (A and B) of
@@ -519,11 +527,7 @@ class RewardTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------- saving
     def _normalization_pairs(self) -> list[int]:
-        n, k = len(self.train_dataset), self.config.normalization_pairs
-        indices = list(range(n))
-        if k and k < n:
-            indices = sorted(random.Random(self.config.seed).sample(indices, k))
-        return indices
+        return normalization_indices(len(self.train_dataset), self.config.normalization_pairs, self.config.seed)
 
     def fit_normalization(self) -> dict[str, dict[str, float]]:
         """Mean / std of the raw scores of the training pairs' media (A and B), per dimension; set on the model."""

@@ -208,7 +208,9 @@ def ensemble_of(member_dirs: list[Path], trainer, heldout: str, folder: Path) ->
     fresh_run(folder)
     ensemble.save_pretrained(folder)
     return {"members": [str(d) for d in member_dirs], "bytes": folder_bytes(folder),
-            "command": f"genalign ensemble-reward {' '.join(str(d) for d in member_dirs)} --out {folder}",
+            "command": (f"genalign ensemble-reward {' '.join(str(d) for d in member_dirs)} --fit-data "
+                        f"{trainer.config.data} --fit-pairs {trainer.config.normalization_pairs} --fit-seed "
+                        f"{trainer.config.seed} --out {folder}"),
             "normalization": ensemble.normalization, "heldout": summarize_eval(evaluate_reward(ensemble, heldout))}
 
 
@@ -335,7 +337,8 @@ def build_reward_models(out: Path, cfg) -> dict[str, Any]:
                    for j in range(cfg.reward_image_members)]
         runs = [(name, cfg.reward_pickscore_recipe, [f"model={clip_dir}", *tuned], seed)
                 for (name, seed), clip_dir in zip(members, clip_dirs)]
-        if cfg.reward_compare:  # the same data from a random-init CLIP (its own recipe; the same budget overrides)
+        if cfg.reward_compare or cfg.reward_image_scratch_member:
+            # the same data from a random-init CLIP (its own recipe; the same budget overrides)
             scratch = [o for o in tuned if o.split("=", 1)[0] not in ("lr", "model")]
             runs.append(("pickscore_from_scratch", "reward_pickscore_world", ["model=world", *scratch], cfg.seed))
         member_dirs, first_trainer = [], None
@@ -346,7 +349,7 @@ def build_reward_models(out: Path, cfg) -> dict[str, Any]:
             stats[name] = {"recipe": recipe, "overrides": overrides, "seconds": round(seconds, 1),
                            "bytes": folder_bytes(result.final_model_dir),
                            "heldout": summarize_eval(trainer.eval_result)}
-            if name.startswith("pickscore") and name != "pickscore_from_scratch":
+            if name != "pickscore_from_scratch" or cfg.reward_image_scratch_member:
                 member_dirs.append(result.final_model_dir)
                 first_trainer = first_trainer or trainer
         shipped = member_dirs[0]
