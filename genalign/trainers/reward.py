@@ -383,8 +383,8 @@ class PreloadedPairs(torch.utils.data.Dataset):
     When every medium is a file of its own (VideoAlign CSV rows, folder layouts), each file is decoded once, however
     many pairs name it (K samples per prompt make K - 1 pairs of each), and the pairs share the arrays; `workers`
     threads decode them (PyAV decodes without holding the GIL: the 6144 clips of the world's 3072 video pairs in
-    17.5 s with both cores busy; imageio's ffmpeg process per file, 12-25 files a second). Media inside a parquet file are read in order by one thread
-    (its reader keeps one row group at a time)."""
+    17.5 s with both cores busy; imageio's ffmpeg process per file, 12-25 files a second). Media inside a parquet
+    file are read in order by one thread (its reader keeps one row group at a time)."""
 
     def __init__(self, dataset, workers: int | None = None):
         from concurrent.futures import ThreadPoolExecutor
