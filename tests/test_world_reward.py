@@ -137,6 +137,7 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
         shutil.copytree(ASSETS / name, out / name)
     cfg = replace(
         BuildConfig(), reward_image_pairs=6, reward_image_samples_per_prompt=3, reward_image_heldout_pairs=4,
+        reward_image_pair_sets=2,
         reward_video_pairs=4, reward_video_samples_per_prompt=3,
         reward_video_heldout_pairs=4, latent_reward_workdir=str(tmp_path / "lr"), reward_workdir=str(tmp_path / "rw"),
         reward_clip_overrides={"max_steps": 2, "batch_size": 4, "pool_groups": 8, "pool_workers": 1,
@@ -159,6 +160,16 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
     import pyarrow.parquet as pq
 
     assert len(set(pq.read_table(train["path"]).column("caption").to_pylist())) <= 2
+    # a second set of as many pairs, seed 2 (seed 1 makes the held-out pairs); the runs train on both, in order
+    second = stats["image_pairs"]["train_sets"][0]
+    assert second["seed"] == 2 and second["path"] == str(tmp_path / "rw" / "image-pairs-train-k3-seed2" / "pairs.parquet")
+    both = tmp_path / "rw" / "image-pairs-train-k3-2-sets"
+    assert f"data={both}" in stats["pickscore"]["overrides"] and f"data={both}" in stats["pickscore_from_scratch"]["overrides"]
+    from genalign.data import load_preference_pairs
+
+    captions = pq.read_table(train["path"]).column("caption").to_pylist()
+    captions += pq.read_table(second["path"]).column("caption").to_pylist()
+    assert load_preference_pairs(both, tie_policy="half").prompts == captions
     assert set(stats["clip_pretrain"]["zero_shot_heldout"]) == {"caption", "image", "quality", "n"}
     for name in ("pickscore", "pickscore_from_scratch"):
         assert set(stats[name]["heldout"]["score"]) >= {"accuracy_without_ties", "accuracy_with_ties"}

@@ -96,6 +96,15 @@ def ensure_pairs(model_dir: Path, kind: str, n: int, split: str, seed: int, fold
             "command": pairs_command(kind, model_dir, n, split, seed, folder, samples_per_prompt)}
 
 
+def link_pair_sets(folder: Path, files: list) -> Path:
+    """A folder of links to several Pick-a-Pic parquet files, named so that the readers (which read a folder's
+    parquet files in name order) take them in the order given; the files stay where they are."""
+    fresh_run(folder).mkdir(parents=True)
+    for i, file in enumerate(files):
+        (folder / f"set-{i:02d}.parquet").symlink_to(Path(file).resolve())
+    return folder
+
+
 def ensure_render_pairs(n: int, seed: int, folder: Path) -> dict[str, Any]:
     """Video render pairs of the train split, as `genalign world pairs --kind video --source renders --num-pairs N
     --seed S --out FOLDER` writes them (reused when `folder` holds exactly n)."""
@@ -310,6 +319,14 @@ def build_reward_models(out: Path, cfg) -> dict[str, Any]:
                                        samples_per_prompt=k),
                  "heldout": ensure_pairs(model_dir, "image", cfg.reward_image_heldout_pairs, "heldout", cfg.seed + 1,
                                          Path(cfg.latent_reward_workdir) / "pairs-heldout")}
+        train_data = pairs["train"]["path"]
+        if cfg.reward_image_pair_sets > 1:  # more sets of as many pairs: seeds seed + 2, seed + 3, ... (seed + 1: held out)
+            more = [ensure_pairs(model_dir, "image", cfg.reward_image_pairs, "train", cfg.seed + 1 + j,
+                                 Path(f"{train_folder}-seed{cfg.seed + 1 + j}"), samples_per_prompt=k)
+                    for j in range(1, cfg.reward_image_pair_sets)]
+            pairs["train_sets"] = more
+            train_data = str(link_pair_sets(work / f"image-pairs-train-k{k}-{cfg.reward_image_pair_sets}-sets",
+                                            [pairs["train"]["path"], *(m["path"] for m in more)]))
         stats["image_pairs"] = pairs
 
         # stage 1: the world CLIP, one per ensemble member (seeds seed, seed + 1, ...): members fine-tuned from one
@@ -343,7 +360,7 @@ def build_reward_models(out: Path, cfg) -> dict[str, Any]:
             runs.append(("pickscore_from_scratch", "reward_pickscore_world", ["model=world", *scratch], cfg.seed))
         member_dirs, first_trainer = [], None
         for name, recipe, extra, seed in runs:
-            overrides = [*extra, f"data={pairs['train']['path']}", f"eval_data={pairs['heldout']['path']}",
+            overrides = [*extra, f"data={train_data}", f"eval_data={pairs['heldout']['path']}",
                          f"output_dir={work / name.replace('_', '-')}", *common, f"seed={seed}"]
             trainer, result, seconds = train_reward(recipe, overrides)
             stats[name] = {"recipe": recipe, "overrides": overrides, "seconds": round(seconds, 1),
