@@ -8,8 +8,10 @@
    folder, reused when present); video pairs likewise under `reward_workdir`.
 2. Image, PickScore's two stages: a world CLIP pretrained contrastively on captioned renders
    (`genalign.world.clip_pretrain`, recipe `reward_clip_recipe`), then PickScore fine-tuning on the image pairs
-   (`genalign train reward --kind pickscore`, recipe `reward_pickscore_recipe`, `model=<the CLIP folder>`).
-   With `reward_compare`, the same fine-tuning from a random-init CLIP is trained too (the ablation).
+   (`genalign train reward --kind pickscore`, recipe `reward_pickscore_recipe`, `model=<the CLIP folder>`); with
+   `reward_image_pair_sets` > 1, on that many sets of pairs (seeds seed, seed + 2, ...) together.
+   With `reward_compare`, the same fine-tuning from a random-init CLIP is trained too (the ablation). With
+   `reward_image_members` > 1 or `reward_image_scratch_member`, the shipped model is an `EnsembleReward`.
 3. Video: a VideoReward-style model (tiny Qwen2-VL, recipe `reward_video_recipe`, BTT loss); with
    `reward_compare` also plain BT on the same pairs. With `reward_video_render_pairs` > 0, each first learns text
    alignment on that many render pairs (`make_render_pairs`: a prompt's clip vs a one-attribute-swapped prompt's,
@@ -359,6 +361,7 @@ def build_reward_models(out: Path, cfg) -> dict[str, Any]:
             scratch = [o for o in tuned if o.split("=", 1)[0] not in ("lr", "model")]
             runs.append(("pickscore_from_scratch", "reward_pickscore_world", ["model=world", *scratch], cfg.seed))
         member_dirs, first_trainer = [], None
+        ensemble_wanted = cfg.reward_image_members > 1 or cfg.reward_image_scratch_member
         for name, recipe, extra, seed in runs:
             overrides = [*extra, f"data={train_data}", f"eval_data={pairs['heldout']['path']}",
                          f"output_dir={work / name.replace('_', '-')}", *common, f"seed={seed}"]
@@ -368,7 +371,8 @@ def build_reward_models(out: Path, cfg) -> dict[str, Any]:
                            "heldout": summarize_eval(trainer.eval_result)}
             if name != "pickscore_from_scratch" or cfg.reward_image_scratch_member:
                 member_dirs.append(result.final_model_dir)
-                first_trainer = first_trainer or trainer
+                if ensemble_wanted and first_trainer is None:  # its training pairs fit the ensemble's normalisation
+                    first_trainer = trainer
         shipped = member_dirs[0]
         if len(member_dirs) > 1:
             shipped = work / "pickscore-ensemble"
