@@ -38,11 +38,11 @@ def write_clips(folder: Path, n: int, frames: int, size: int, lossless: bool) ->
 
 
 def files_per_second(paths: list[Path], decoder: str, threads: int) -> tuple[float, list[np.ndarray]]:
-    from genalign.data.media import _decode_video_file
+    from genalign.data.media import decode_video_file
 
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        frames = list(pool.map(lambda p: _decode_video_file(p, decoder), paths))
+        frames = list(pool.map(lambda p: decode_video_file(p, decoder), paths))
     return len(paths) / (time.perf_counter() - start), frames
 
 

@@ -817,7 +817,7 @@ def test_both_video_decoders_give_the_same_frames(tmp_path, monkeypatch):
     import imageio.v2 as iio
 
     from genalign.data import media
-    from genalign.data.media import _decode_video_file, read_video, video_decoder
+    from genalign.data.media import decode_video_file, read_video, video_decoder
 
     assert video_decoder() == "pyav"  # the `video` and `dev` extras install it
     clips = {"rgb.mp4": write_mp4(tmp_path / "rgb.mp4", vid(3))}
@@ -831,7 +831,7 @@ def test_both_video_decoders_give_the_same_frames(tmp_path, monkeypatch):
     iio.mimwrite(tmp_path / "large.mp4", large, fps=8, codec="libx264", macro_block_size=1)
     clips["large.mp4"] = tmp_path / "large.mp4"
     for name, path in clips.items():
-        by_pyav, by_imageio = read_video(path), _decode_video_file(path, "imageio")
+        by_pyav, by_imageio = read_video(path), decode_video_file(path, "imageio")
         assert by_pyav.dtype == np.uint8 and by_pyav.shape == by_imageio.shape, name
         assert np.array_equal(by_pyav, by_imageio), name
     assert np.array_equal(read_video(clips["rgb.mp4"]), vid(3))  # lossless: the written frames exactly
@@ -846,4 +846,4 @@ def test_both_video_decoders_give_the_same_frames(tmp_path, monkeypatch):
         assert ds.prompts == ["good"] and ds.stats["skipped_corrupt_media"] == 1, decoder
         assert "row 1, line 3, column 'path_A'" in ds.skipped[0] and "junk.mp4" in ds.skipped[0], decoder
     with pytest.raises(ValueError, match="unknown video decoder 'cv2'"):
-        _decode_video_file(clips["rgb.mp4"], "cv2")
+        decode_video_file(clips["rgb.mp4"], "cv2")

@@ -109,7 +109,7 @@ def video_decoder() -> str:
     return "pyav" if importlib.util.find_spec("av") is not None else "imageio"
 
 
-def _decode_video_file(path: Path, decoder: str) -> np.ndarray:
+def decode_video_file(path: Path, decoder: str) -> np.ndarray:
     """Every frame of a video container as RGB. `decoder` is 'pyav' (in-process) or 'imageio' (an ffmpeg process)."""
     if decoder == "pyav":
         import av  # lazy: optional, and heavy to import
@@ -148,7 +148,7 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
         with Image.open(p) as im:
             frames = [np.array(_to_rgb(f.copy()), dtype=np.uint8) for f in ImageSequence.Iterator(im)]
     else:
-        arr = _decode_video_file(p, video_decoder())
+        arr = decode_video_file(p, video_decoder())
         if arr.ndim == 3:  # a single frame
             arr = arr[None]
         if arr.ndim != 4:

@@ -212,10 +212,12 @@ def ensemble_of(member_dirs: list[Path], trainer, heldout: str, folder: Path) ->
     member's was (`trainer`: that member's), saved to `folder`; returns its BUILD.json entry."""
     from ..eval.reward_eval import evaluate_reward
     from ..rewards import EnsembleReward, load_reward_model
-    from ..trainers.reward import fit_normalization_on_pairs
+    from ..trainers.reward import fit_normalization_on_pairs, normalization_indices
 
     ensemble = EnsembleReward([load_reward_model(d) for d in member_dirs])
-    fit_normalization_on_pairs(ensemble, trainer.train_dataset, trainer._normalization_pairs())
+    config = trainer.config
+    fit_normalization_on_pairs(ensemble, trainer.train_dataset,
+                               normalization_indices(len(trainer.train_dataset), config.normalization_pairs, config.seed))
     fresh_run(folder)
     ensemble.save_pretrained(folder)
     return {"members": [str(d) for d in member_dirs], "bytes": folder_bytes(folder),
