@@ -168,6 +168,9 @@ class CLIPReward(RewardModel):
                              persistent=False)
         self.use_logit_scale = use_logit_scale
         self.open_clip_config = open_clip_config
+        # training objective (set by `genalign train reward`, not saved: it is a choice of the run, not the model)
+        self.training_loss = "pickscore"
+        self.tie_theta = 5.0
         if backend == "transformers":
             text_config = clip_model.config.text_config
             check_tokenizer_size(tokenizer, text_config.vocab_size, "CLIPReward")
@@ -372,16 +375,24 @@ class CLIPReward(RewardModel):
 
     # ----------------------------------------------------------------------------------- training
     def loss(self, batch) -> tuple[torch.Tensor, dict[str, Any]]:
-        """PickScore's loss on one batch of pairs (list of PreferencePair or a collate dict): cross-entropy
-        of softmax([s_A, s_B]) against [label, 1 - label]. Metrics: loss, accuracy (decided pairs), margin."""
-        from genalign.losses.reward import pickscore_loss
+        """The training loss on one batch of pairs (list of PreferencePair or a collate dict). `training_loss`
+        "pickscore": PickScore's cross-entropy of softmax([s_A, s_B]) against [label, 1 - label]; "btt":
+        Bradley-Terry with ties (theta `tie_theta`) on s_A - s_B, which gives ties their own probability mass
+        instead of a soft label. Metrics: loss, accuracy (decided pairs), margin."""
+        from genalign.losses.reward import btt_loss, pickscore_loss
 
         batch = as_reward_batch(batch)
         n = len(batch["prompt"])
         raw = self._raw_scores(list(batch["media_a"]) + list(batch["media_b"]), list(batch["prompt"]) * 2,
                                fps=list(batch["fps_a"]) + list(batch["fps_b"]), batch_size=2 * n, track_grad=True)
         scores = raw["score"]
-        loss, stats = pickscore_loss(scores[:n], scores[n:], batch["label"].to(scores.device))
+        label = batch["label"].to(scores.device)
+        if self.training_loss == "btt":
+            loss, stats = btt_loss(scores[:n], scores[n:], label, theta=self.tie_theta)
+        elif self.training_loss == "pickscore":
+            loss, stats = pickscore_loss(scores[:n], scores[n:], label)
+        else:
+            raise ValueError(f"CLIPReward.training_loss must be 'pickscore' or 'btt', got {self.training_loss!r}")
         metrics = {"loss": loss.detach(), "accuracy": stats["accuracy"], "margin": stats["margin_mean"],
                    "pairs": stats["num_valid"]}
         return loss, metrics

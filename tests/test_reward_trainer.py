@@ -494,13 +494,30 @@ def test_score_and_eval_reward_errors_are_one_line_naming_the_file(trained_picks
     assert model_dir in line and "video_reward" in line
 
 
+def test_pickscore_kind_trains_with_the_btt_loss_when_asked(pickapic, tmp_path):
+    """loss=btt theta=3 for a CLIP reward: the trainer's loss is BTT on the score difference of each pair."""
+    train, _ = pickapic
+    cfg = RewardTrainConfig(kind="pickscore", model="tiny", data=str(train), output_dir=str(tmp_path / "run"),
+                            loss="btt", theta=3.0, max_steps=2, batch_size=8, checkpoint_every=0,
+                            normalization_pairs=0, **quiet())
+    trainer = RewardTrainer.from_config(cfg)
+    batch = trainer.collate_fn([trainer.train_dataset[i] for i in range(8)])
+    with torch.no_grad():
+        loss, _ = trainer.compute_loss(batch)
+        scores = trainer.model(list(batch["media_a"]) + list(batch["media_b"]), list(batch["prompt"]) * 2,
+                               normalize=False)
+    expected, _ = btt_loss(scores[:8], scores[8:], batch["label"], theta=3.0)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert (batch["label"] == 0.5).any()  # the ties of the world's pairs reach the loss
+
+
 def test_recipes_load_and_bad_keys_are_named():
     for kind in ("pickscore", "videoreward"):
         cfg = load_config(RewardTrainConfig, recipe_path(f"reward_{kind}_world"), ["data=pairs"])
         assert cfg.kind == kind and cfg.tie_policy == "half" and cfg.model == "world"
     assert load_config(RewardTrainConfig, recipe_path("reward_videoreward_world"), ["data=x"]).loss == "btt"
-    with pytest.raises(ConfigError, match="loss"):
-        RewardTrainConfig(kind="pickscore", loss="btt")
+    with pytest.raises(ConfigError, match="kind=pickscore trains with pickscore or btt, got 'bt'"):
+        RewardTrainConfig(kind="pickscore", loss="bt")
     with pytest.raises(ConfigError, match="lora_rank"):
         RewardTrainConfig(kind="pickscore", lora_rank=8)
     with pytest.raises(ConfigError, match="theta"):

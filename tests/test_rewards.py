@@ -296,6 +296,26 @@ def test_clip_loss_is_pickscores_objective_and_trains():
     assert reward.clip.logit_scale.grad is not None and set(metrics) >= {"loss", "accuracy", "margin"}
 
 
+def test_clip_loss_btt_is_the_rao_kupper_likelihood_of_the_score_difference():
+    reward = tiny_clip_reward(seed=2).train()
+    reward.training_loss, reward.tie_theta = "btt", 3.0
+    a, b = images(3, seed=8), images(3, seed=9)
+    labels = [1.0, 0.5, 0.0]
+    pairs = [PreferencePair(PROMPTS[i], a[i], b[i], labels[i]) for i in range(3)]
+    loss, _ = reward.loss(pairs)
+    with torch.no_grad():
+        d = (reward(a, PROMPTS[:3], normalize=False) - reward(b, PROMPTS[:3], normalize=False)).double()
+    p_a, p_b = torch.sigmoid(d - math.log(3.0)), torch.sigmoid(-d - math.log(3.0))
+    p_tie = (3.0**2 - 1) * p_a * p_b
+    want = -(torch.log(p_a[0]) + torch.log(p_tie[1]) + torch.log(p_b[2])) / 3
+    assert loss.item() == pytest.approx(want.item(), abs=1e-5)
+    loss.backward()
+    assert reward.clip.logit_scale.grad is not None
+    reward.training_loss = "hinge"
+    with pytest.raises(ValueError, match="'pickscore' or 'btt', got 'hinge'"):
+        reward.loss(pairs)
+
+
 # ------------------------------------------------------------------------------------------- input errors
 def test_bad_inputs_raise_or_warn_with_the_numbers_and_files(tmp_path):
     reward = tiny_clip_reward()

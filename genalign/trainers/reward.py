@@ -2,7 +2,8 @@
 trained on preference pairs with the model's own loss (ALGORITHMS.md section 3).
 
 - `kind="pickscore"` (`genalign.rewards.CLIPReward`): cross-entropy between the softmax over a pair's two scores
-  `exp(logit_scale) * cos(image, text)` and the label distribution (a tie is [0.5, 0.5]);
+  `exp(logit_scale) * cos(image, text)` and the label distribution (a tie is [0.5, 0.5]); `loss=btt`: the
+  Bradley-Terry-with-ties loss on the score difference instead (ties get their own probability);
 - `kind="videoreward"` (`genalign.rewards.VideoReward`): per-dimension Bradley-Terry with ties (Rao-Kupper,
   theta = 5; `loss=bt`: plain BT, ties left out) on the VQ / MQ / TA labels of each pair; dimensions whose weight
   in `dims` is 0 are left out of the loss, and pairs without per-dimension labels use their overall label.
@@ -54,7 +55,7 @@ logger = logging.getLogger("genalign.trainers")
 
 KINDS = ("pickscore", "videoreward")
 REWARD_KIND = {"pickscore": "clip", "videoreward": "video_reward"}
-LOSSES = {"pickscore": ("pickscore",), "videoreward": ("btt", "bt")}
+LOSSES = {"pickscore": ("pickscore", "btt"), "videoreward": ("btt", "bt")}
 TIE_POLICIES = ("drop", "half", "keep_first")
 WORLD_MODELS = ("world", "tiny")
 
@@ -103,7 +104,8 @@ class RewardTrainConfig(WorldCLIPSize, TrainConfig):
                                  "one | a folder: a genalign reward model (continue training it), a transformers "
                                  "CLIP folder (pickscore) or a Qwen2-VL folder (videoreward base)")
     loss: str = option("auto", "auto (pickscore: pickscore; videoreward: btt) | pickscore (cross-entropy of the "
-                               "pair softmax) | btt (Bradley-Terry with ties) | bt (plain BT, ties left out)")
+                               "pair softmax; kind=pickscore) | btt (Bradley-Terry with ties; either kind) | bt "
+                               "(plain BT, ties left out; kind=videoreward)")
     theta: float = option(5.0, "tie parameter of the BTT loss (> 1; VideoReward uses 5)")
     tie_policy: str = option("half", "ties of the overall label: half (kept; default: ties are signal for a "
                                      "reward model) | drop | keep_first (as A wins; biased)")
@@ -481,6 +483,8 @@ class RewardTrainer(Trainer):
         if getattr(model, "kind", None) != expected:
             raise ConfigError(f"config key 'kind': kind={config.kind} trains a {expected!r} reward model, got "
                               f"{type(model).__name__} ({getattr(model, 'kind', None)!r})")
+        if config.kind == "pickscore":  # the run's objective (a VideoReward carries it in its config)
+            model.training_loss, model.tie_theta = config.loss, config.theta
         self.eval_dataset = eval_dataset
         self.eval_result: dict[str, Any] | None = None
         self._normalization: dict[tuple[int, bool], dict] = {}
