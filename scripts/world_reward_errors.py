@@ -7,7 +7,9 @@ PAIRS: Pick-a-Pic parquet written by `genalign world pairs --kind image` (defaul
 `oracle_*` columns hold the oracle's scores of both sides; the oracle's noise-free label decides a pair when their
 overall scores (mean of TA and VQ) differ by at least the annotators' tie margin. Prints the model's agreement with
 that label overall, by the size of the oracle's difference, by whether text alignment or only visual quality
-differs, and per prompt template. (`genalign eval-reward` gives the accuracy against the noisy annotators.)
+differs, and per prompt template; then where its accuracy with ties is lost (telling the oracle's ties from the
+rest by the size of its differences, or ordering the pairs). (`genalign eval-reward` gives the accuracy against the
+noisy annotators.)
 
 Then, off the generator's distribution: the share of N (default 200) clean render pairs of held-out prompts (a
 prompt's render against the render of a one-attribute-swapped prompt, seed 1) that the model orders as the oracle
@@ -76,10 +78,35 @@ def main(argv: list[str]) -> int:
     for word in ("left of", "above"):
         line(f"  prompts with '{word}'", decided & np.array([word in p for p in prompts]))
     line("  other prompts", decided & np.array([not any(w in p for w in ("left of", "above")) for p in prompts]))
+    print_ties(margin, oracle, np.array([p.label for p in pairs], dtype=float))
     if renders:
         agree, n = render_agreement(model, renders)
         print(f"{'clean held-out render pairs (vs swapped)':<44} {n:>5} {100 * agree:6.1f}")
     return 0
+
+
+def print_ties(margin: np.ndarray, oracle: np.ndarray, labels: np.ndarray) -> None:
+    """Where accuracy with ties is lost: in the direction of a difference or in its size. The "Ties Matter"
+    accuracy against the annotators' labels calls a pair a tie when |difference| is under one threshold, so a
+    model must also order the pairs by how close they are. Printed: how well |model difference| tells the
+    oracle's ties from the rest (AUC: the chance that an oracle tie gets a smaller |difference| than a decided
+    pair), and the accuracy with ties of the model, of the model's direction with the oracle's |difference|, and
+    of the oracle's direction with the model's |difference|."""
+    from scipy.stats import rankdata
+
+    from genalign.losses.reward import accuracy_with_ties
+
+    tie = np.abs(oracle) < Annotator().tie_margin
+    ranks = rankdata(-np.abs(margin))  # larger rank = smaller |difference|
+    n_tie, n_decided = int(tie.sum()), int((~tie).sum())
+    auc = (ranks[tie].sum() - n_tie * (n_tie + 1) / 2) / (n_tie * n_decided) if n_tie and n_decided else float("nan")
+    print(f"{'oracle ties':<44} {n_tie:>5} {100 * tie.mean():6.1f}")
+    print(f"{'  AUC of |model difference| for them':<44} {'':>5} {auc:6.3f}")
+    for name, delta in (("with ties: the model", margin),
+                        ("  its direction, the oracle's |difference|", np.sign(margin) * np.abs(oracle)),
+                        ("  the oracle's direction, its |difference|", np.sign(oracle) * np.abs(margin)),
+                        ("  the oracle", oracle)):
+        print(f"{name:<44} {len(labels):>5} {100 * accuracy_with_ties(delta, labels)['accuracy']:6.1f}")
 
 
 def pairs_and_model(pairs_path: str, rows: list[dict], oracle_column: str, model_dir: str):

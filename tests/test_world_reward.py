@@ -352,6 +352,15 @@ def test_reward_errors_script_counts_agreement_with_the_oracle_label(tmp_path, c
     assert printed["all"] == [str(decided.sum()), f"{100 * agree[decided].mean():.1f}"]
     assert int(printed["text alignment differs"][0]) == (decided & ta).sum() > 0
     assert printed["text alignment differs"][1] == f"{100 * agree[decided & ta].mean():.1f}"
+    # ties: the AUC of |model difference| for the oracle's ties, counted pair by pair (equal sizes count half)
+    tie = ~decided
+    assert printed["oracle ties"][0] == str(tie.sum()) and tie.sum() > 0
+    smaller = [(abs(t) < abs(d)) + 0.5 * (abs(t) == abs(d)) for t in margin[tie] for d in margin[decided]]
+    assert float(printed["AUC of |model difference| for them"][0]) == pytest.approx(np.mean(smaller), abs=6e-4)
+    # noise-free labels: the oracle is right on every pair; with its sizes, the model loses only its wrong directions
+    assert printed["the oracle"] == [str(len(rows)), "100.0"]
+    right = (tie.sum() + agree[decided].sum()) / len(rows)
+    assert printed["its direction, the oracle's |difference|"] == [str(len(rows)), f"{100 * right:.1f}"]
     # the render check: the oracle decides nearly every render pair (a swapped attribute), the share is a share
     n, share = printed["clean held-out render pairs (vs swapped)"]
     assert 5 <= int(n) <= 6 and 0.0 <= float(share) <= 100.0
