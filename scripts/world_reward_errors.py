@@ -78,14 +78,14 @@ def main(argv: list[str]) -> int:
     for word in ("left of", "above"):
         line(f"  prompts with '{word}'", decided & np.array([word in p for p in prompts]))
     line("  other prompts", decided & np.array([not any(w in p for w in ("left of", "above")) for p in prompts]))
-    print_ties(margin, oracle, np.array([p.label for p in pairs], dtype=float))
+    print_ties(margin, oracle, ~decided, np.array([p.label for p in pairs], dtype=float))
     if renders:
         agree, n = render_agreement(model, renders)
         print(f"{'clean held-out render pairs (vs swapped)':<44} {n:>5} {100 * agree:6.1f}")
     return 0
 
 
-def print_ties(margin: np.ndarray, oracle: np.ndarray, labels: np.ndarray) -> None:
+def print_ties(margin: np.ndarray, oracle: np.ndarray, tie: np.ndarray, labels: np.ndarray) -> None:
     """Where accuracy with ties is lost: in the direction of a difference or in its size. The "Ties Matter"
     accuracy against the annotators' labels calls a pair a tie when |difference| is under one threshold, so a
     model must also order the pairs by how close they are. Printed: how well |model difference| tells the
@@ -96,7 +96,6 @@ def print_ties(margin: np.ndarray, oracle: np.ndarray, labels: np.ndarray) -> No
 
     from genalign.losses.reward import accuracy_with_ties
 
-    tie = np.abs(oracle) < Annotator().tie_margin
     ranks = rankdata(-np.abs(margin))  # larger rank = smaller |difference|
     n_tie, n_decided = int(tie.sum()), int((~tie).sum())
     auc = (ranks[tie].sum() - n_tie * (n_tie + 1) / 2) / (n_tie * n_decided) if n_tie and n_decided else float("nan")
