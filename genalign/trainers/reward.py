@@ -137,10 +137,10 @@ class RewardTrainConfig(WorldCLIPSize, TrainConfig):
     save_base: bool | None = option(None, "videoreward: save the backbone's base weights in the reward folder "
                                           "(None: unless it names a local base folder and only LoRA is trained)")
     # sizes of model=world (ignored otherwise; the CLIP's are WorldCLIPSize's)
-    video_hidden_size: int = option(96, "world videoreward: language model hidden size")
-    video_layers: int = option(3, "world videoreward: language model layers")
-    video_vision_width: int = option(48, "world videoreward: vision tower width")
-    video_vision_depth: int = option(2, "world videoreward: vision tower depth")
+    video_hidden_size: int = option(128, "world videoreward: language model hidden size")
+    video_layers: int = option(4, "world videoreward: language model layers")
+    video_vision_width: int = option(96, "world videoreward: vision tower width")
+    video_vision_depth: int = option(4, "world videoreward: vision tower depth")
     video_patch_size: int = option(4, "world videoreward: vision patch size (merged 2x2 into one token)")
 
     def __post_init__(self):
