@@ -18,7 +18,7 @@ from genalign.world.clip_pretrain import hard_negative_prompt
 from genalign.world.grammar import image_splits
 from genalign.world.oracle import judge_image
 from genalign.world.render import corrupt_image, render_image, render_video, to_uint8
-from genalign.world.reward_build import REWARD_MAX_BYTES
+from genalign.world.reward_build import REWARD_MAX_BYTES, folder_bytes
 
 
 def shipped(kind):
@@ -36,7 +36,7 @@ def test_shipped_image_reward_prefers_the_oracles_choice_on_clean_vs_wrong_rende
     model = load_reward_model(path)
     members = getattr(model, "members", [model])  # an EnsembleReward of PickScore models, or one
     assert all(isinstance(m, CLIPReward) for m in members)
-    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < REWARD_MAX_BYTES * len(members)
+    assert folder_bytes(path) < REWARD_MAX_BYTES * len(members)
     rng, nrng = random.Random(0), np.random.default_rng(0)
     held = image_splits().heldout
     prompts = [rng.choice(held) for _ in range(96)]
@@ -66,7 +66,7 @@ def test_shipped_video_reward_prefers_clean_frames_to_noisy_ones_as_the_oracle_d
     path = reward_model_path("video")
     model = load_reward_model(path)
     assert isinstance(model, VideoReward)
-    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < REWARD_MAX_BYTES
+    assert folder_bytes(path) < REWARD_MAX_BYTES
     rng = np.random.default_rng(0)
     held = split_prompts("video", "heldout")
     prompts = [held[i] for i in rng.integers(0, len(held), 64)]
