@@ -290,9 +290,11 @@ class VideoReward(RewardModel):
             warnings.warn(f"{len(long)} prompt(s) longer than {limit} tokens were truncated (e.g. {long[0][0]} "
                           f"tokens: {long[0][1][:60]!r}...)", RewardInputWarning, stacklevel=6)
         before_video, between, after_prompt = self._template_parts
-        sequences = []
+        sequences, prompt_spans = [], []
         for ids, n_video in zip(prompt_ids, video_token_counts):
             video = [self.vision_start_id] + [self.video_token_id] * n_video + [self.vision_end_id]
+            start = len(before_video) + len(video) + len(between)
+            prompt_spans.append((start, start + len(ids[:limit])))
             sequences.append(before_video + video + between + ids[:limit] + after_prompt)
         length = max(len(s) for s in sequences)
         input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
@@ -307,11 +309,20 @@ class VideoReward(RewardModel):
                 raise ValueError(f"the {REWARD_TOKENS[dim]} token must appear exactly once in every input (a "
                                  "prompt that contains it?)")
             positions[dim] = found.int().argmax(dim=1)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions,
+                "prompt_spans": prompt_spans}
 
     # ----------------------------------------------------------------------------------- scoring
     def reward_hidden_states(self, pixels: list[torch.Tensor], prompts: list[str]) -> dict[str, torch.Tensor]:
         """The last hidden state at each reward token: {dim: (B, hidden)}."""
+        hidden, text = self.last_hidden_states(pixels, prompts)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return {d: hidden[rows, text["positions"][d].to(hidden.device)] for d in DIMENSIONS}
+
+    def last_hidden_states(self, pixels: list[torch.Tensor], prompts: list[str]
+                           ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The language model's last hidden states over the whole template, (B, L, hidden), and `text_inputs`'s
+        dict (token ids, reward-token positions, prompt spans)."""
         device = self.device
         patches, grids = [], []
         for item in pixels:
@@ -330,9 +341,7 @@ class VideoReward(RewardModel):
             mm_token_type_ids=(input_ids == self.video_token_id).int() * 2,  # 0 text, 2 video
             use_cache=False,
         )
-        hidden = out.last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=device)
-        return {d: hidden[rows, text["positions"][d].to(device)] for d in DIMENSIONS}
+        return out.last_hidden_state, text
 
     def _score_pixels(self, pixels, prompts, fps) -> dict[str, torch.Tensor]:
         states = self.reward_hidden_states(pixels, prompts)

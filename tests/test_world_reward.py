@@ -177,7 +177,10 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
                                 "video_hidden_size": 32, "video_layers": 1, "video_vision_width": 16,
                                 "video_vision_depth": 1},
         reward_video_render_pairs=4, reward_video_render_overrides={"max_steps": 2, "dims": {"VQ": 0, "MQ": 0, "TA": 1}},
-        reward_video_renders_in_stage2=True)
+        reward_video_renders_in_stage2=True, reward_video_caption=True,
+        reward_video_caption_overrides={"max_steps": 2, "batch_size": 2, "eval_clips": 2, "report_to": "none",
+                                        "video_hidden_size": 32, "video_layers": 1, "video_vision_width": 16,
+                                        "video_vision_depth": 1})
     build_world(out, cfg, ("reward",))
     stats = json.loads((out / "BUILD.json").read_text())["reward"]["stats"]
     assert stats["command"].startswith("genalign world build --only reward ") and " reward_image_pairs=6" in stats["command"]
@@ -206,6 +209,13 @@ def test_reward_stage_builds_records_and_ships_at_a_tiny_budget(tmp_path):
     for loss in ("btt", "bt"):
         assert set(stats[f"videoreward_{loss}"]["heldout"]) >= {"VQ", "MQ", "TA"}
         assert "loss=" + loss in stats[f"videoreward_{loss}"]["overrides"]
+    # stage 0: one captioning run, the start of both losses' stage 1
+    caption = stats["video_caption_pretrain"]
+    assert caption["model"] == str(tmp_path / "rw" / "video-caption" / "reward_model")
+    assert "max_steps=2" in caption["overrides"] and set(caption["caption_check_heldout"]) == {
+        "color", "shape", "direction", "n"}
+    for loss in ("btt", "bt"):
+        assert stats[f"videoreward_{loss}_renders"]["overrides"][-1] == f"model={caption['model']}"
     # the optional stage 1 on render pairs, then each video model continued from it
     # video pairs from 3 clips per prompt too: pairs 0-1, 0-2, 1-2, 3-4 of 2 prompts' clips, each written once
     video_train = stats["video_pairs"]["train"]

@@ -93,7 +93,38 @@ class WorldCLIPSize:
 
 
 @dataclass
-class RewardTrainConfig(WorldCLIPSize, TrainConfig):
+class WorldVideoSize:
+    """The sizes of the world's VideoReward (a tiny Qwen2-VL): one set of keys for the reward trainer (model=world)
+    and the captioning pretraining (genalign.world.video_caption_pretrain)."""
+
+    video_hidden_size: int = option(128, "world videoreward: language model hidden size")
+    video_layers: int = option(4, "world videoreward: language model layers")
+    video_vision_width: int = option(96, "world videoreward: vision tower width")
+    video_vision_depth: int = option(4, "world videoreward: vision tower depth")
+    video_patch_size: int = option(4, "world videoreward: vision patch size (merged 2x2 into one token)")
+
+    def build_world_video_reward(self, seed: int, settings: dict[str, Any], tiny: bool = False):
+        """A random-init world VideoReward of these sizes (`tiny`: the test-sized one), `settings` its
+        VideoRewardConfig keys."""
+        from ..rewards import (
+            VideoReward,
+            VideoRewardConfig,
+            build_tiny_qwen2vl_tokenizer,
+            tiny_qwen2vl_backbone,
+        )
+
+        tokenizer = build_tiny_qwen2vl_tokenizer()
+        sizes = {} if tiny else {
+            "hidden_size": self.video_hidden_size, "num_layers": self.video_layers,
+            "vision_width": self.video_vision_width, "vision_depth": self.video_vision_depth,
+            "patch_size": self.video_patch_size}
+        backbone = tiny_qwen2vl_backbone(tokenizer, seed=seed, **sizes)
+        torch.manual_seed(seed + 1)
+        return VideoReward(backbone, tokenizer, VideoRewardConfig(**settings))
+
+
+@dataclass
+class RewardTrainConfig(WorldCLIPSize, WorldVideoSize, TrainConfig):
     output_dir: str = option("runs/reward", "run folder: checkpoints, metrics.jsonl, config.yaml, reward_model/, eval/")
     kind: str = option("pickscore", "pickscore (CLIP image reward, PickScore / HPSv2 style) | videoreward "
                                     "(VQ / MQ / TA on a Qwen2-VL backbone, VideoReward style)")
@@ -136,12 +167,6 @@ class RewardTrainConfig(WorldCLIPSize, TrainConfig):
                                             "(a seeded random subset; 0: all)")
     save_base: bool | None = option(None, "videoreward: save the backbone's base weights in the reward folder "
                                           "(None: unless it names a local base folder and only LoRA is trained)")
-    # sizes of model=world (ignored otherwise; the CLIP's are WorldCLIPSize's)
-    video_hidden_size: int = option(128, "world videoreward: language model hidden size")
-    video_layers: int = option(4, "world videoreward: language model layers")
-    video_vision_width: int = option(96, "world videoreward: vision tower width")
-    video_vision_depth: int = option(4, "world videoreward: vision tower depth")
-    video_patch_size: int = option(4, "world videoreward: vision patch size (merged 2x2 into one token)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -258,21 +283,7 @@ def build_reward_model(cfg: RewardTrainConfig, fps: float | None = None):
 
                 return tiny_clip_reward(seed=cfg.seed, image_size=cfg.resolution or 32)
             return cfg.build_world_clip(cfg.seed, cfg.resolution or 32)
-        from ..rewards import (
-            VideoReward,
-            VideoRewardConfig,
-            build_tiny_qwen2vl_tokenizer,
-            tiny_qwen2vl_backbone,
-        )
-
-        tokenizer = build_tiny_qwen2vl_tokenizer()
-        sizes = {} if cfg.model == "tiny" else {
-            "hidden_size": cfg.video_hidden_size, "num_layers": cfg.video_layers,
-            "vision_width": cfg.video_vision_width, "vision_depth": cfg.video_vision_depth,
-            "patch_size": cfg.video_patch_size}
-        backbone = tiny_qwen2vl_backbone(tokenizer, seed=cfg.seed, **sizes)
-        torch.manual_seed(cfg.seed + 1)
-        return VideoReward(backbone, tokenizer, VideoRewardConfig(**_video_settings(cfg, 0, fps)))
+        return cfg.build_world_video_reward(cfg.seed, _video_settings(cfg, 0, fps), tiny=cfg.model == "tiny")
 
     path = Path(cfg.model)
     if not path.is_dir():

@@ -85,6 +85,11 @@ class BuildConfig:
     reward_video_recipe: str = "reward_videoreward_world"
     # 16 epochs of 3072 pairs: VQ +2.2 points over 1500 steps on both 768-pair held-out sets, MQ and TA unchanged
     reward_video_overrides: dict = field(default_factory=lambda: {"max_steps": 3000})
+    # video stage 0: caption pretraining of the tiny Qwen2-VL on renders (genalign.world.video_caption_pretrain),
+    # the world's stand-in for the pretrained VLM VideoReward starts from; the reward stages start from its model
+    reward_video_caption: bool = False
+    reward_video_caption_recipe: str = "world_video_caption"
+    reward_video_caption_overrides: dict = field(default_factory=dict)
     # video stage 1 (0: none): TA on render pairs (`genalign world pairs --source renders`) before the sampled
     # pairs; it lifted held-out TA from 50.4 to 59.3 (README); 400 steps on 768 pairs after it forgot it again
     reward_video_render_pairs: int = 4096

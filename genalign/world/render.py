@@ -167,6 +167,33 @@ def render_video(prompt: str | PromptSpec, seed: int | np.random.Generator, fram
     return np.stack([compose([Placed(obj.color, obj.shape, x, y, r)], bg) for x, y in zip(xs, ys)])
 
 
+def render_cluttered_video(prompt: str | PromptSpec, seed: int | np.random.Generator, frames: int = NUM_FRAMES,
+                           distractors: int = 2, dropped_frames: int = 2) -> np.ndarray:
+    """A video prompt's clip with the flaws of the world's video generator around it: `distractors` smaller objects
+    of other colours and shapes, each on its own track and shown in a random half or more of the frames, and the
+    prompt's object missing from `dropped_frames` random frames. The prompt's object stays the largest one, so
+    its caption is still the prompt. Float32 (F, H, W, 3) in [0, 1]."""
+    spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    if not spec.is_video:
+        raise ValueError(f"{prompt!r} is not a video prompt (expected e.g. 'red circle moving left')")
+    rng = np.random.default_rng(seed)
+    bg = background(rng)
+    obj = spec.objects[0]
+    r, xs, ys = video_track(spec.direction, rng, frames)
+    main = [[Placed(obj.color, obj.shape, x, y, r)] for x, y in zip(xs, ys)]
+    for f in rng.choice(frames, size=min(dropped_frames, frames - 2), replace=False):
+        main[f] = []
+    layers = [[] for _ in range(frames)]
+    for _ in range(distractors):
+        color = str(rng.choice([c for c in COLORS if c != obj.color]))
+        shape = str(rng.choice(SHAPES))
+        _, dx, dy = video_track(str(rng.choice(list(DIRECTION_VECTORS))), rng, frames)
+        size = rng.uniform(0.45, 0.7) * r
+        for f in np.flatnonzero(rng.random(frames) < rng.uniform(0.5, 1.0)):
+            layers[f].append(Placed(color, shape, dx[f], dy[f], size))
+    return np.stack([compose(layers[f] + main[f], bg) for f in range(frames)])
+
+
 # ---------------------------------------------------------------- corruptions (corpus flaws, oracle tests)
 IMAGE_CORRUPTIONS = ("blur", "noise", "artifacts", "malformed")
 

@@ -209,6 +209,23 @@ def train_reward(recipe: str, overrides: list[str]) -> tuple[Any, Any, float]:
     return trainer, result, time.time() - t0
 
 
+def caption_pretrain(cfg, output_dir: Path, common: list[str]) -> dict[str, Any]:
+    """Video stage 0 (`genalign.world.video_caption_pretrain`, recipe `cfg.reward_video_caption_recipe`) in a fresh
+    `output_dir`: its BUILD.json entry, with the model folder under "model"."""
+    from ..config import load_config
+    from ..recipes import recipe_path
+    from .video_caption_pretrain import VideoCaptionConfig, VideoCaptionTrainer
+
+    overrides = [f"output_dir={fresh_run(output_dir)}", *common, *as_overrides(cfg.reward_video_caption_overrides)]
+    t0 = time.time()
+    trainer = VideoCaptionTrainer.from_config(
+        load_config(VideoCaptionConfig, recipe_path(cfg.reward_video_caption_recipe), overrides))
+    result = trainer.train()
+    return {"recipe": cfg.reward_video_caption_recipe, "overrides": overrides, "seconds": round(time.time() - t0, 1),
+            "caption_check_heldout": trainer.caption_accuracy, "model": str(result.final_model_dir),
+            "final_metrics": {k: v for k, v in result.last_metrics.items() if isinstance(v, (int, float))}}
+
+
 def ensemble_of(member_dirs: list[Path], trainer, heldout: str, folder: Path) -> dict[str, Any]:
     """The members' `EnsembleReward`, its normalisation fitted on the media of the training pairs the first
     member's was (`trainer`: that member's), saved to `folder`; returns its BUILD.json entry."""
@@ -400,14 +417,19 @@ def build_reward_models(out: Path, cfg) -> dict[str, Any]:
         if cfg.reward_video_render_pairs:
             stats["video_render_pairs"] = ensure_render_pairs(cfg.reward_video_render_pairs, cfg.seed,
                                                               work / "video-render-pairs")
+        pretrained = []
+        if cfg.reward_video_caption:  # stage 0: one captioning model, the start of every loss's reward stages
+            stats["video_caption_pretrain"] = caption_pretrain(cfg, work / "video-caption", common)
+            pretrained = [f"model={stats['video_caption_pretrain']['model']}"]
         losses = ["btt", "bt"] if cfg.reward_compare else ["btt"]
         for loss in losses:
             name = f"videoreward_{loss}"
-            start = []
+            start = pretrained
             if cfg.reward_video_render_pairs:  # stage 1: text alignment on the render pairs, same loss
                 stage1 = [f"data={stats['video_render_pairs']['path']}", f"eval_data={pairs['heldout']['path']}",
                           f"loss={loss}", f"output_dir={work / (name.replace('_', '-') + '-renders')}", *common,
-                          *as_overrides(cfg.reward_video_overrides), *as_overrides(cfg.reward_video_render_overrides)]
+                          *as_overrides(cfg.reward_video_overrides), *as_overrides(cfg.reward_video_render_overrides),
+                          *start]
                 trainer, result, seconds = train_reward(cfg.reward_video_recipe, stage1)
                 stats[name + "_renders"] = {"recipe": cfg.reward_video_recipe, "overrides": stage1,
                                             "seconds": round(seconds, 1),
