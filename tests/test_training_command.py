@@ -4,7 +4,7 @@ import pytest
 
 from genalign.trainers import flow_dpo, latent_reward, reward
 from genalign.trainers.command import parse_training_args, recipe_arg, run_training, training_parser
-from genalign.world import clip_pretrain
+from genalign.world import clip_pretrain, video_caption_pretrain
 
 
 @pytest.mark.parametrize("main, prog", [
@@ -12,6 +12,7 @@ from genalign.world import clip_pretrain
     (latent_reward.main, "genalign train latent-reward"),
     (reward.main, "genalign train reward"),
     (clip_pretrain.main, "python -m genalign.world.clip_pretrain"),
+    (video_caption_pretrain.main, "python -m genalign.world.video_caption_pretrain"),
 ])
 def test_an_unknown_config_key_is_one_line_naming_the_command_and_the_key(main, prog, capsys):
     argv = ["--config", "flow_dpo_world"] if main is flow_dpo.main else []

@@ -83,3 +83,18 @@ def train_and_report(trainer, what: str, format_eval: Callable[[dict], str], eva
         print(format_eval(trainer.eval_result))
         print(f"evaluation: {result.output_dir / 'eval' / eval_file}")
     return 0
+
+
+def world_stage_main(prog: str, description: str, config_cls, default_config: str, train: Callable[..., int],
+                     argv: list[str] | None) -> int:
+    """The command line of a world pretraining stage (`python -m genalign.world.clip_pretrain`, ...): a recipe
+    (`default_config` unless --config) plus key=value overrides -> `train(config)` under `run_training`."""
+    from ..config import load_config
+
+    parser = training_parser(prog, description, default_config=default_config,
+                             config_help=f"YAML recipe (default: {default_config})", resume=False)
+    parsed = parse_training_args(parser, config_cls, argv)
+    if parsed is None:
+        return 0
+    args, overrides = parsed
+    return run_training(prog, lambda: train(load_config(config_cls, recipe_arg(args.config), overrides)))

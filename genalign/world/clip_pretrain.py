@@ -407,25 +407,17 @@ def zero_shot_check(model, n: int = 512, seed: int = 0, vae=None) -> dict[str, f
 def main(argv: list[str] | None = None) -> int:
     """`python -m genalign.world.clip_pretrain [--config RECIPE] [key=value ...]`: stage 1 alone (the recipe
     world_clip_pretrain by default); the CLIP folder is written to output_dir/clip."""
-    from ..config import load_config
-    from ..trainers.command import parse_training_args, recipe_arg, run_training, training_parser
+    from ..trainers.command import world_stage_main
 
-    prog = "python -m genalign.world.clip_pretrain"
-    parser = training_parser(prog, __doc__.split("\n\n")[0], default_config="world_clip_pretrain",
-                             config_help="YAML recipe (default: world_clip_pretrain)", resume=False)
-    parsed = parse_training_args(parser, CLIPPretrainConfig, argv)
-    if parsed is None:
-        return 0
-    args, overrides = parsed
-
-    def train() -> int:
-        trainer = CLIPPretrainTrainer.from_config(load_config(CLIPPretrainConfig, recipe_arg(args.config), overrides))
+    def train(config: CLIPPretrainConfig) -> int:
+        trainer = CLIPPretrainTrainer.from_config(config)
         result = trainer.train()
         print(f"done: step {result.step}, CLIP folder at {result.final_model_dir}; zero-shot on held-out prompts: "
               f"{trainer.zero_shot}")
         return 0
 
-    return run_training(prog, train)
+    return world_stage_main("python -m genalign.world.clip_pretrain", __doc__.split("\n\n")[0], CLIPPretrainConfig,
+                            "world_clip_pretrain", train, argv)
 
 
 if __name__ == "__main__":

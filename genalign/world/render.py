@@ -155,16 +155,21 @@ def video_track(direction: str, rng: np.random.Generator, frames: int = NUM_FRAM
     return r, x0 + ux * speed * steps, y0 + uy * speed * steps
 
 
-def render_video(prompt: str | PromptSpec, seed: int | np.random.Generator, frames: int = NUM_FRAMES) -> np.ndarray:
-    """Clean video for a video prompt: float32 (F, H, W, 3) in [0, 1]."""
+def _prompt_object_track(prompt: str | PromptSpec, rng: np.random.Generator, frames: int):
+    """A video prompt's background and its object placed in each frame (the draws every video render starts with)."""
     spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     if not spec.is_video:
         raise ValueError(f"{prompt!r} is not a video prompt (expected e.g. 'red circle moving left')")
-    rng = np.random.default_rng(seed)
     bg = background(rng)
     obj = spec.objects[0]
     r, xs, ys = video_track(spec.direction, rng, frames)
-    return np.stack([compose([Placed(obj.color, obj.shape, x, y, r)], bg) for x, y in zip(xs, ys)])
+    return bg, [Placed(obj.color, obj.shape, x, y, r) for x, y in zip(xs, ys)]
+
+
+def render_video(prompt: str | PromptSpec, seed: int | np.random.Generator, frames: int = NUM_FRAMES) -> np.ndarray:
+    """Clean video for a video prompt: float32 (F, H, W, 3) in [0, 1]."""
+    bg, placed = _prompt_object_track(prompt, np.random.default_rng(seed), frames)
+    return np.stack([compose([p], bg) for p in placed])
 
 
 def render_cluttered_video(prompt: str | PromptSpec, seed: int | np.random.Generator, frames: int = NUM_FRAMES,
@@ -173,22 +178,17 @@ def render_cluttered_video(prompt: str | PromptSpec, seed: int | np.random.Gener
     of other colours and shapes, each on its own track and shown in a random half or more of the frames, and the
     prompt's object missing from `dropped_frames` random frames. The prompt's object stays the largest one, so
     its caption is still the prompt. Float32 (F, H, W, 3) in [0, 1]."""
-    spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-    if not spec.is_video:
-        raise ValueError(f"{prompt!r} is not a video prompt (expected e.g. 'red circle moving left')")
     rng = np.random.default_rng(seed)
-    bg = background(rng)
-    obj = spec.objects[0]
-    r, xs, ys = video_track(spec.direction, rng, frames)
-    main = [[Placed(obj.color, obj.shape, x, y, r)] for x, y in zip(xs, ys)]
+    bg, placed = _prompt_object_track(prompt, rng, frames)
+    main = [[p] for p in placed]
     for f in rng.choice(frames, size=min(dropped_frames, frames - 2), replace=False):
         main[f] = []
     layers = [[] for _ in range(frames)]
     for _ in range(distractors):
-        color = str(rng.choice([c for c in COLORS if c != obj.color]))
+        color = str(rng.choice([c for c in COLORS if c != placed[0].color]))
         shape = str(rng.choice(SHAPES))
         _, dx, dy = video_track(str(rng.choice(list(DIRECTION_VECTORS))), rng, frames)
-        size = rng.uniform(0.45, 0.7) * r
+        size = rng.uniform(0.45, 0.7) * placed[0].r
         for f in np.flatnonzero(rng.random(frames) < rng.uniform(0.5, 1.0)):
             layers[f].append(Placed(color, shape, dx[f], dy[f], size))
     return np.stack([compose(layers[f] + main[f], bg) for f in range(frames)])

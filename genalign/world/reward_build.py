@@ -13,15 +13,18 @@
    With `reward_compare`, the same fine-tuning from a random-init CLIP is trained too (the ablation). With
    `reward_image_members` > 1 or `reward_image_scratch_member`, the shipped model is an `EnsembleReward`.
 3. Video: a VideoReward-style model (tiny Qwen2-VL, recipe `reward_video_recipe`, BTT loss); with
-   `reward_compare` also plain BT on the same pairs. With `reward_video_render_pairs` > 0, each first learns text
+   `reward_compare` also plain BT on the same pairs. With `reward_video_caption`, one model first learns to
+   caption renders (`genalign.world.video_caption_pretrain`, recipe `reward_video_caption_recipe`: the stand-in
+   for a pretrained VLM) and every loss's stages start from it. With `reward_video_render_pairs` > 0, each learns text
    alignment on that many render pairs (`make_render_pairs`: a prompt's clip vs a one-attribute-swapped prompt's,
    clean labels; `reward_video_render_overrides`, TA only by default) and then trains on the sampled pairs
    (with `reward_video_renders_in_stage2`, on the sampled and the render pairs together).
 4. Held-out accuracies (without / with ties, chance, ceiling; `genalign.eval.reward_eval`) of every model go to
    BUILD.json; the PickScore model is shipped as `image-reward/`, the video model as `video-reward/` when one of
-   its dimensions is above chance by more than two standard errors. Each must be under 6 MB.
+   its dimensions is above chance by more than two standard errors. Each must be under 7 MB.
 
-Every training goes through the same trainer classes as the commands (`RewardTrainer`, `CLIPPretrainTrainer`);
+Every training goes through the same trainer classes as the commands (`RewardTrainer`, `CLIPPretrainTrainer`,
+`VideoCaptionTrainer`);
 the pairs go through `genalign.world.annotators.make_preference_data`, as `genalign world pairs` does.
 """
 

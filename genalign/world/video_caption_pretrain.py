@@ -274,25 +274,17 @@ def caption_check(model, n: int = 256, seed: int = 0, vae=None) -> dict[str, flo
 def main(argv: list[str] | None = None) -> int:
     """`python -m genalign.world.video_caption_pretrain [--config RECIPE] [key=value ...]`: stage 0 alone (the
     recipe world_video_caption by default); the model folder is written to output_dir/reward_model."""
-    from ..config import load_config
-    from ..trainers.command import parse_training_args, recipe_arg, run_training, training_parser
+    from ..trainers.command import world_stage_main
 
-    prog = "python -m genalign.world.video_caption_pretrain"
-    parser = training_parser(prog, __doc__.split("\n\n")[0], default_config="world_video_caption",
-                             config_help="YAML recipe (default: world_video_caption)", resume=False)
-    parsed = parse_training_args(parser, VideoCaptionConfig, argv)
-    if parsed is None:
-        return 0
-    args, overrides = parsed
-
-    def train() -> int:
-        trainer = VideoCaptionTrainer.from_config(load_config(VideoCaptionConfig, recipe_arg(args.config), overrides))
+    def train(config: VideoCaptionConfig) -> int:
+        trainer = VideoCaptionTrainer.from_config(config)
         result = trainer.train()
         print(f"done: step {result.step}, model folder at {result.final_model_dir}; caption check on held-out "
               f"prompts: {trainer.caption_accuracy}")
         return 0
 
-    return run_training(prog, train)
+    return world_stage_main("python -m genalign.world.video_caption_pretrain", __doc__.split("\n\n")[0], VideoCaptionConfig,
+                            "world_video_caption", train, argv)
 
 
 if __name__ == "__main__":
