@@ -10,6 +10,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def recipe_arg(value: str | None) -> str | None:
@@ -85,16 +86,25 @@ def train_and_report(trainer, what: str, format_eval: Callable[[dict], str], eva
     return 0
 
 
-def world_stage_main(prog: str, description: str, config_cls, default_config: str, train: Callable[..., int],
-                     argv: list[str] | None) -> int:
+def world_stage_main(prog: str, description: str, trainer_cls, default_config: str,
+                     report: Callable[[Any, Any], str], argv: list[str] | None) -> int:
     """The command line of a world pretraining stage (`python -m genalign.world.clip_pretrain`, ...): a recipe
-    (`default_config` unless --config) plus key=value overrides -> `train(config)` under `run_training`."""
+    (`default_config` unless --config) plus key=value overrides -> `trainer_cls.from_config(config).train()` under
+    `run_training`; prints "done: step N, " and `report(trainer, result)`."""
     from ..config import load_config
 
+    config_cls = trainer_cls.config_class
     parser = training_parser(prog, description, default_config=default_config,
                              config_help=f"YAML recipe (default: {default_config})", resume=False)
     parsed = parse_training_args(parser, config_cls, argv)
     if parsed is None:
         return 0
     args, overrides = parsed
-    return run_training(prog, lambda: train(load_config(config_cls, recipe_arg(args.config), overrides)))
+
+    def train() -> int:
+        trainer = trainer_cls.from_config(load_config(config_cls, recipe_arg(args.config), overrides))
+        result = trainer.train()
+        print(f"done: step {result.step}, {report(trainer, result)}")
+        return 0
+
+    return run_training(prog, train)

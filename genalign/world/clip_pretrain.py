@@ -409,15 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     world_clip_pretrain by default); the CLIP folder is written to output_dir/clip."""
     from ..trainers.command import world_stage_main
 
-    def train(config: CLIPPretrainConfig) -> int:
-        trainer = CLIPPretrainTrainer.from_config(config)
-        result = trainer.train()
-        print(f"done: step {result.step}, CLIP folder at {result.final_model_dir}; zero-shot on held-out prompts: "
-              f"{trainer.zero_shot}")
-        return 0
+    def report(trainer: CLIPPretrainTrainer, result) -> str:
+        return f"CLIP folder at {result.final_model_dir}; zero-shot on held-out prompts: {trainer.zero_shot}"
 
-    return world_stage_main("python -m genalign.world.clip_pretrain", __doc__.split("\n\n")[0], CLIPPretrainConfig,
-                            "world_clip_pretrain", train, argv)
+    return world_stage_main("python -m genalign.world.clip_pretrain", __doc__.split("\n\n")[0], CLIPPretrainTrainer,
+                            "world_clip_pretrain", report, argv)
 
 
 if __name__ == "__main__":

@@ -276,15 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     recipe world_video_caption by default); the model folder is written to output_dir/reward_model."""
     from ..trainers.command import world_stage_main
 
-    def train(config: VideoCaptionConfig) -> int:
-        trainer = VideoCaptionTrainer.from_config(config)
-        result = trainer.train()
-        print(f"done: step {result.step}, model folder at {result.final_model_dir}; caption check on held-out "
-              f"prompts: {trainer.caption_accuracy}")
-        return 0
+    def report(trainer: VideoCaptionTrainer, result) -> str:
+        return (f"model folder at {result.final_model_dir}; caption check on held-out prompts: "
+                f"{trainer.caption_accuracy}")
 
-    return world_stage_main("python -m genalign.world.video_caption_pretrain", __doc__.split("\n\n")[0], VideoCaptionConfig,
-                            "world_video_caption", train, argv)
+    return world_stage_main("python -m genalign.world.video_caption_pretrain", __doc__.split("\n\n")[0],
+                            VideoCaptionTrainer, "world_video_caption", report, argv)
 
 
 if __name__ == "__main__":
