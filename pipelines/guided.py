@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from genalign.files import shared_as_written
 from genalign.guidance.core import NRG_DEFAULT_MAX_FACTOR, GuidanceError, NRGSettings
 from genalign.guidance.denoiser import GuidedDenoiser, NRGPlan, RLGPlan, denoiser_spec
 from genalign.guidance.latent_reward import check_compatible, latent_space_id, reward_dims
@@ -185,7 +186,8 @@ class GuidedPipelineMixin:
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As the stock pipeline, and the folder stays a stock folder: model_index.json names the stock class
         (guidance is a per-call option; the weights are the stock ones)."""
-        out = super().save_pretrained(save_directory, *args, **kwargs)
+        with shared_as_written(save_directory):  # safetensors writes 0600 files (genalign.files)
+            out = super().save_pretrained(save_directory, *args, **kwargs)
         index = Path(save_directory) / "model_index.json"
         if index.is_file():
             data = json.loads(index.read_text())

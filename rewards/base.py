@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from genalign.data.errors import DataError
+from genalign.files import shared_as_written
 
 REWARD_CONFIG_NAME = "genalign_reward.json"
 FORMAT_VERSION = 1
@@ -362,7 +363,8 @@ class RewardModel(nn.Module):
         """Write the weights and genalign_reward.json (written last: a folder without it is incomplete)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self._save_weights(directory)
+        with shared_as_written(directory):  # safetensors writes 0600 files (genalign.files)
+            self._save_weights(directory)
         meta = {
             "kind": self.kind,
             "format_version": FORMAT_VERSION,

@@ -337,6 +337,12 @@ def test_flow_dpo_learns_a_separable_pair_set_and_the_lora_loads_in_diffusers(sd
         v_loaded = velocity_probe(SD3Adapter(stock))
         assert (v_loaded - v_trained).abs().max().item() < 1e-5
     assert (velocity_probe(SD3Adapter(copy.deepcopy(sd3_pipe))) - v_trained).abs().max().item() > 1e-3
+    # readable as the umask says, not only by their owner (safetensors writes 0600 files: genalign.files)
+    from genalign.files import current_umask
+
+    files = [f for d in (result.final_model_dir, result.last_checkpoint) for f in d.rglob("*") if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~current_umask()}
 
 
 FAMILY_PIPELINES = {  # family -> (tiny pipeline, adapter class name, adapter kwargs, frames)

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import share_like_umask
 from .errors import CacheMismatchError, DataError
 from .media import MediaItem, sample_frames, to_pixels
 from .preference import ON_ERROR, PreferencePair
@@ -281,6 +282,7 @@ class _ShardWriter:
             str(self.folder / name),
             metadata={"format": CACHE_FORMAT, "kind": self.kind, "prompts": json.dumps(list(self.prompts))},
         )
+        share_like_umask(self.folder / name)  # safetensors writes 0600 files (genalign.files)
         self.shards.append(
             {"file": name, "num_items": len(self.prompt_index), "num_prompts": len(self.prompts)}
         )

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ..data.preference import parse_label
+from ..files import publish_dir
 from ..losses.reward import accuracy_with_ties, accuracy_without_ties
 from .stats import mean_ci
 
@@ -633,9 +634,7 @@ def _ensemble_reward(args) -> int:
 
         shutil.rmtree(tmp)
     ensemble.save_pretrained(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    publish_dir(tmp, out)
     norm = ", ".join(f"{d} mean {v['mean']:.4g} std {v['std']:.4g}" for d, v in ensemble.normalization.items())
     print(f"wrote {out}: the mean of {len(members)} {members[0].kind} reward models, weights "
           f"{[round(w, 4) for w in ensemble.weights]}; normalisation {norm}")

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .. import flow
+from ..files import share_like_umask
 from .core import GuidanceError
 
 CONFIG_NAME = "genalign_latent_reward.json"
@@ -343,6 +344,7 @@ class LatentRewardModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        share_like_umask(directory / WEIGHTS_NAME)  # safetensors writes 0600 files (genalign.files)
         (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_json(), indent=2))
         return directory
 

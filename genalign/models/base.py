@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..files import shared_as_written
+
 Cond = dict[str, torch.Tensor]
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -259,7 +261,8 @@ class FlowAdapter:
         # The peft state dict is passed as is: converting it changes key names that SD3/Flux/Wan loaders
         # then silently skip (ENVIRONMENT.md).
         state = {k: v.detach().contiguous() for k, v in self.lora_state_dict(adapter_name).items()}
-        self.pipe.save_lora_weights(directory, **{self.lora_save_kwarg: state}, safe_serialization=True)
+        with shared_as_written(directory):  # safetensors writes 0600 files (genalign.files)
+            self.pipe.save_lora_weights(directory, **{self.lora_save_kwarg: state}, safe_serialization=True)
         return directory
 
     lora_save_kwarg = "transformer_lora_layers"

@@ -42,12 +42,12 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, save_config
+from ..files import TRASH_PREFIX, publish_dir, remove_dir
 
 logger = logging.getLogger("genalign.trainers")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-"
-TRASH_PREFIX = ".trash-"
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks a complete one
 METRICS_FILE = "metrics.jsonl"
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -230,47 +230,6 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             except Exception as e:  # any parse failure means a damaged file
                 raise CheckpointError(f"checkpoint {str(path)!r}: {rel} is not a readable safetensors file ({e})") from e
     return state
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush a folder's files and the folder entries to disk before the rename that publishes it."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove_dir(path: Path) -> None:
-    """Delete a folder so that a kill half-way never leaves a partial folder under its real name:
-    rename it to a .trash- name first (atomic), then delete."""
-    if not path.exists():
-        return
-    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Atomically put the complete folder `tmp` in place as `final` (replacing an existing one)."""
-    _fsync_tree(tmp)
-    if final.exists():
-        _remove_dir(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -752,7 +711,7 @@ class Trainer:
         if keep <= 0:
             return
         for _, path in list_checkpoints(self.output_dir)[:-keep]:
-            _remove_dir(path)
+            remove_dir(path)
 
     def _resolve_resume(self) -> Path | None:
         resume = self.config.resume

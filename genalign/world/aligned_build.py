@@ -11,10 +11,11 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
+
+from ..files import publish_dir
 
 ALIGNED_RECIPE = "flow_dpo_world_online"
 ALIGNED_EVAL_PROMPTS = 192  # 64 per template: enough for a +-0.015 interval on TA differences
@@ -81,9 +82,7 @@ def build_aligned_lora(out: Path, cfg, workdir: str = "runs/world-build/aligned"
     run_config = yaml.safe_load(last_round.read_text())
     run_config["model"] = "world"  # not this machine's absolute path: the shipped model the LoRA belongs to
     (tmp / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    publish_dir(tmp, final)
 
     t1 = time.time()
     evaluation = evaluate_base_vs_aligned(model_dir, final, eval_prompts, eval_samples_per_prompt)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import flow
 from ..config import ConfigError
+from ..files import publish_copy, publish_dir, shared_as_written
 from ..models.tiny import autoencoder_kl, clip_text_encoder, sd3_transformer
 from . import DEFAULT_SAMPLING
 from .corpus import make_image_corpus
@@ -250,7 +251,8 @@ def build_autoencoder(out: Path, cfg: BuildConfig) -> dict:
     losses = train_vae(vae, corpus.media, cfg.vae_steps, cfg.batch_size, cfg.seed)
     stats["latent_shift"], stats["latent_scale"] = set_latent_normalisation(vae, encode_raw(vae, corpus.media))
     stats["seconds"], stats["final_loss"] = time.time() - t0, float(np.mean(losses[-100:]))
-    vae.save_pretrained(out, safe_serialization=True)
+    with shared_as_written(out):
+        vae.save_pretrained(out, safe_serialization=True)
     return stats
 
 
@@ -291,9 +293,7 @@ def save_pipeline(pipe, out: Path, sampling: dict | None = None) -> None:
     pipe.save_pretrained(tmp, safe_serialization=True)
     if sampling is not None:
         (tmp / "genalign_sampling.json").write_text(json.dumps(sampling, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    publish_dir(tmp, out)
 
 
 STAGES = ("vae", "image", "video")
@@ -431,12 +431,7 @@ def build_latent_reward(out: Path, cfg: BuildConfig) -> dict:
         target = Path(out) / LATENT_REWARD_DIRS[("image", clean)]
         shipped = size < limit
         if shipped:
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(final, tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
+            publish_copy(final, target)
         elif not clean:
             raise RuntimeError(f"the noise-aware latent reward model has {size} bytes, over the {limit}-byte limit "
                                "of a shipped asset: make it smaller in the recipe (hidden, depth)")

@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from ..files import publish_copy
+
 logger = logging.getLogger("genalign.world")
 
 # the ResNet world CLIP is 5.7 MB (4.2 MB of it the attention pool's projections), the video reward 6.7 MB (its
@@ -256,12 +258,7 @@ def ship(src: Path, target: Path, members: int = 1) -> int:
     if size >= REWARD_MAX_BYTES * members:
         raise RuntimeError(f"the reward model at {src} has {size} bytes, over the {REWARD_MAX_BYTES}-byte limit of a "
                            f"shipped asset{' per member' if members > 1 else ''}: make it smaller in its recipe")
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    publish_copy(src, target)
     return size
 
 
