@@ -27,8 +27,9 @@ patch_size * merge_size, the area kept within [min_pixels, max_pixels]). The fps
 from it gives a warning with both numbers. Preprocessing is done in torch and is differentiable (bicubic
 antialiased resize, CLIP mean / std, Qwen2-VL's patch layout, checked against `Qwen2VLVideoProcessor`).
 
-Checkpoints (`save_pretrained`): `genalign_reward.json`, `tokenizer/`, `backbone/` (the base weights; left out
-when the model names a local base folder, `base_model_path`, and `save_base=False`), `adapter/` (peft LoRA
+Checkpoints (`save_pretrained`): `genalign_reward.json`, `tokenizer/`, `backbone/` (the base weights, less the
+vision tower when it is trained: that is saved once, in non_lora.safetensors; the backbone is left out when the
+model names a local base folder, `base_model_path`, and `save_base=False`), `adapter/` (peft LoRA
 adapter: adapter_config.json + adapter_model.safetensors) and `non_lora.safetensors` (head, reward-token
 embeddings, the vision tower when trained).
 
@@ -419,7 +420,10 @@ class VideoReward(RewardModel):
             backbone_dir = directory / "backbone"
             backbone_dir.mkdir(exist_ok=True)
             self.base_model.config.save_pretrained(backbone_dir)
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.base_state_dict().items()},
+            base = self.base_state_dict()
+            if self.config.train_vision:  # the trained tower is in non_lora.safetensors (the published layout)
+                base = {k: v for k, v in base.items() if not k.startswith("visual.")}
+            save_file({k: v.detach().contiguous().cpu() for k, v in base.items()},
                       str(backbone_dir / "model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(directory / "tokenizer")
         if self.uses_lora:
@@ -459,8 +463,11 @@ class VideoReward(RewardModel):
         from transformers import AutoTokenizer
 
         settings = VideoRewardConfig.from_dict(config)
-        backbone = _load_backbone(directory / "backbone" if (directory / "backbone").is_dir()
-                                  else base_model or settings.base_model_path, directory)
+        non_lora = load_file(str(directory / "non_lora.safetensors"))
+        if (directory / "backbone").is_dir():
+            backbone = _load_saved_backbone(directory / "backbone", non_lora)
+        else:
+            backbone = _load_backbone(base_model or settings.base_model_path, directory)
         tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
         model = cls(backbone, tokenizer, settings, **kwargs)
         if model.uses_lora:
@@ -468,7 +475,7 @@ class VideoReward(RewardModel):
             if not adapter_file.is_file():
                 raise RewardLoadError(f"{str(directory)!r}: LoRA model without {str(adapter_file)!r}")
             model.load_adapter_state_dict(load_file(str(adapter_file)), str(adapter_file))
-        model.load_non_lora_state_dict(load_file(str(directory / "non_lora.safetensors")))
+        model.load_non_lora_state_dict(non_lora)
         return model
 
     # ----------------------------------------------------------------------------------- published layout
@@ -551,6 +558,19 @@ def _load_backbone(path, directory: Path) -> nn.Module:
                               f"({path!r}); pass base_model=")
     # a Qwen2VLForConditionalGeneration folder loads too (its lm_head is left out)
     return Qwen2VLModel.from_pretrained(path).eval()
+
+
+def _load_saved_backbone(folder: Path, non_lora: dict[str, torch.Tensor]) -> nn.Module:
+    """The `backbone/` folder `save_pretrained` writes. With a trained vision tower its weights are only in
+    non_lora.safetensors (folders written before kept a copy in the backbone too: both load)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, Qwen2VLModel
+
+    state = load_file(str(folder / "model.safetensors"))
+    if any(k.startswith("visual.") for k in state):
+        return Qwen2VLModel.from_pretrained(folder).eval()
+    state.update({k: v for k, v in non_lora.items() if k.startswith("visual.")})
+    return Qwen2VLModel.from_pretrained(None, config=AutoConfig.from_pretrained(folder), state_dict=state).eval()
 
 
 def qwen2vl_model_key(key: str) -> str:

@@ -459,6 +459,31 @@ def test_video_reward_round_trips_lora_head_and_normalisation_through_save_and_l
         CLIPReward.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_a_trained_vision_tower_is_saved_once_and_folders_with_two_copies_still_load(tmp_path, lora_rank):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_video_reward(seed=3, train_vision=True, lora_rank=lora_rank)
+    perturb_trainable(model, seed=2)
+    with torch.no_grad():  # a tower unlike the fresh one the backbone config would build
+        for p in model.base_model.visual.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    videos, prompts = clips(2, seed=6), ["red circle moving left", "green cross moving down"]
+    before = model(videos, prompts)
+    folder = model.save_pretrained(tmp_path / "new")
+    backbone = load_file(str(folder / "backbone" / "model.safetensors"))
+    tower = {k: v for k, v in load_file(str(folder / "non_lora.safetensors")).items() if k.startswith("visual.")}
+    assert tower and not any(k.startswith("visual.") for k in backbone)
+    # folders written before this change hold the tower in both files
+    old = tmp_path / "old"
+    __import__("shutil").copytree(folder, old)
+    save_file({**backbone, **tower}, str(old / "backbone" / "model.safetensors"))
+    for path in (folder, old):
+        after = load_reward_model(path)(videos, prompts)
+        for dim in before:
+            assert torch.allclose(before[dim], after[dim], atol=1e-5), (path, dim)
+
+
 def test_video_reward_saved_without_its_base_keeps_lora_head_and_reward_token_embeddings(tmp_path):
     from genalign.rewards import VideoRewardConfig, build_tiny_qwen2vl_tokenizer, tiny_qwen2vl_backbone
     from transformers import AutoTokenizer, Qwen2VLModel

@@ -45,8 +45,7 @@ from ..files import publish_copy
 
 logger = logging.getLogger("genalign.world")
 
-# the ResNet world CLIP is 5.7 MB (4.2 MB of it the attention pool's projections), the video reward 6.7 MB (its
-# trained vision tower is saved twice: in the backbone folder and, as the published layout has it, in non_lora)
+# the ResNet world CLIP is 5.7 MB (4.2 MB of it the attention pool's projections), the video reward 4.6 MB
 REWARD_MAX_BYTES = 7_000_000
 
 
