@@ -7,7 +7,8 @@ PAIRS: Pick-a-Pic parquet written by `genalign world pairs --kind image` (defaul
 `oracle_*` columns hold the oracle's scores of both sides; the oracle's noise-free label decides a pair when their
 overall scores (mean of TA and VQ) differ by at least the annotators' tie margin. Prints the model's agreement with
 that label overall, by the size of the oracle's difference, by whether text alignment or only visual quality
-differs, and per prompt template; then where its accuracy with ties is lost (telling the oracle's ties from the
+differs, by which of text alignment's checks differ (how many of the prompt's objects are right in colour and
+shape, the object count, the relation; each picture judged again here for them), and per prompt template; then where its accuracy with ties is lost (telling the oracle's ties from the
 rest by the size of its differences, or ordering the pairs). (`genalign eval-reward` gives the accuracy against the
 noisy annotators.)
 
@@ -24,6 +25,7 @@ again here for them.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -75,6 +77,10 @@ def main(argv: list[str]) -> int:
         line(f"  overall difference in [{lo}, {hi})", decided & (np.abs(oracle) >= lo) & (np.abs(oracle) < hi))
     line("  text alignment differs", decided & ta_differs)
     line("  only visual quality differs", decided & ~ta_differs)
+    from genalign.world.oracle import judge
+
+    details = [(judge(p.media_a, p.prompt).details, judge(p.media_b, p.prompt).details) for p in pairs]
+    print_check_agreement("  TA", agree, decided, details, IMAGE_TA_CHECKS)
     for word in ("left of", "above"):
         line(f"  prompts with '{word}'", decided & np.array([word in p for p in prompts]))
     line("  other prompts", decided & np.array([not any(w in p for w in ("left of", "above")) for p in prompts]))
@@ -124,6 +130,24 @@ def print_agreement(name: str, agree: np.ndarray, mask: np.ndarray) -> None:
 
 
 TA_CHECKS = {"colour": "color_ok", "shape": "shape_ok", "direction": "direction_ok", "presence": "presence"}
+IMAGE_TA_CHECKS = {"objects": "objects_ok", "count": "count_ok", "relation": "relation_ok"}
+
+
+def print_check_agreement(prefix: str, agree: np.ndarray, decided: np.ndarray, details: list[tuple[dict, dict]],
+                          checks: dict[str, str]) -> dict[str, np.ndarray]:
+    """Agreement on the decided pairs whose two sides differ in each of the oracle's text-alignment checks, and in
+    that check alone; returns the masks. (A check neither side has, NaN, does not differ.)"""
+    def differ(a, b) -> bool:
+        nan_a, nan_b = isinstance(a, float) and math.isnan(a), isinstance(b, float) and math.isnan(b)
+        return not (nan_a and nan_b) and (nan_a or nan_b or a != b)
+
+    differs = {name: np.array([differ(da.get(key), db.get(key)) for da, db in details]) for name, key in checks.items()}
+    for name, mask in differs.items():
+        print_agreement(f"{prefix}, {name} differs", agree, decided & mask)
+    for name, mask in differs.items():
+        alone = mask & ~np.any([m for other, m in differs.items() if other != name], axis=0)
+        print_agreement(f"{prefix}, only {name} differs", agree, decided & alone)
+    return differs
 
 
 def video_errors(model_dir: str, pairs_path: str) -> int:
@@ -146,12 +170,7 @@ def video_errors(model_dir: str, pairs_path: str) -> int:
         print_agreement(dim, *agree[dim])
     ta_agree, ta_decided = agree["TA"]
     details = [(judge(p.media_a, p.prompt).details, judge(p.media_b, p.prompt).details) for p in pairs]
-    differs = {name: np.array([da.get(key) != db.get(key) for da, db in details]) for name, key in TA_CHECKS.items()}
-    for name, mask in differs.items():
-        print_agreement(f"  TA, {name} differs", ta_agree, ta_decided & mask)
-    for name, mask in differs.items():
-        alone = mask & ~np.any([m for other, m in differs.items() if other != name], axis=0)
-        print_agreement(f"  TA, only {name} differs", ta_agree, ta_decided & alone)
+    differs = print_check_agreement("  TA", ta_agree, ta_decided, details, TA_CHECKS)
     # where a generated clip loses its object in some frames, which check does the model follow?
     present_more = np.array([da.get("presence", 0) > db.get("presence", 0) for da, db in details])
     model_a = (scores_a["TA"] - scores_b["TA"]).numpy() > 0

@@ -1,5 +1,6 @@
 """The built-in world: grammar, renderer, oracle validation (>= 99% on known corruptions), corpus, annotators, toy."""
 
+import math
 import random
 
 import numpy as np
@@ -107,6 +108,26 @@ def test_oracle_colour_and_shape_accuracy_on_single_objects():
         colour += j.details["color_ok"]
         shape += j.details["shape_ok"]
     assert colour / N_ORACLE >= 0.99 and shape / N_ORACLE >= 0.99
+
+
+def test_oracle_reports_each_text_alignment_check_and_ta_is_their_mean():
+    """details holds TA's checks one by one (objects right in colour and shape, the count, the relation), so that
+    an analysis can ask which of them two pictures differ in; TA is their mean, for right and wrong captions."""
+    rng = random.Random(4)
+    wrong = 0
+    for i in range(60):
+        template = ("single", "count", "relation")[i % 3]
+        p = rng.choice(grammar.all_image_prompts()[template])
+        q = rng.choice(grammar.all_image_prompts()[template]) if i % 2 else p  # a render of another prompt
+        j = judge_image(to_uint8(render_image(q, i)), p)
+        objects = {"single": 1, "relation": 2}.get(template) or grammar.COUNTS[p.split()[0]]
+        relation = 0.0 if math.isnan(j.details["relation_ok"]) else j.details["relation_ok"]
+        assert math.isnan(j.details["relation_ok"]) == (template != "relation")
+        assert 0 <= j.details["objects_ok"] <= objects and j.details["count_ok"] in (0.0, 1.0)
+        checks = objects + 1 + (template == "relation")
+        assert j.TA == pytest.approx((j.details["objects_ok"] + j.details["count_ok"] + relation) / checks)
+        wrong += j.TA < 1.0
+    assert wrong >= 15  # the other prompts' renders fail some checks
 
 
 def test_oracle_ta_drops_for_a_mismatched_caption():

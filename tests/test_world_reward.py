@@ -390,6 +390,17 @@ def test_reward_errors_script_counts_agreement_with_the_oracle_label(tmp_path, c
     assert printed["all"] == [str(decided.sum()), f"{100 * agree[decided].mean():.1f}"]
     assert int(printed["text alignment differs"][0]) == (decided & ta).sum() > 0
     assert printed["text alignment differs"][1] == f"{100 * agree[decided & ta].mean():.1f}"
+    # by text-alignment check: the renders of swapped prompts differ in the objects found right or the relation
+    from genalign.world.oracle import judge_image
+
+    for check in ("objects", "relation"):
+        values = np.array([[judge_image(x, p).details[f"{check}_ok"] for x in (xa, xb)]
+                           for xa, xb, p in zip(a, b, prompts)])
+        differs = decided & (values[:, 0] != values[:, 1]) & ~np.isnan(values).all(axis=1)
+        assert printed[f"TA, {check} differs"][0] == str(differs.sum())
+        if differs.any():
+            assert printed[f"TA, {check} differs"][1] == f"{100 * agree[differs].mean():.1f}"
+    assert int(printed["TA, objects differs"][0]) > 0
     # ties: the AUC of |model difference| for the oracle's ties, counted pair by pair (equal sizes count half)
     tie = ~decided
     assert printed["oracle ties"][0] == str(tie.sum()) and tie.sum() > 0

@@ -184,14 +184,21 @@ def judge_image(img, prompt: str | PromptSpec) -> Judgement:
     analysis = analyze_image(img)
     objs = analysis.objects
     hits, assign = _object_matches(spec, objs)
-    checks = list(hits) + [1.0 if len(objs) == len(spec.objects) else 0.0]
+    count_ok = 1.0 if len(objs) == len(spec.objects) else 0.0
+    checks = list(hits) + [count_ok]
+    relation_ok = math.nan
     if spec.relation:
         ok = all(a is not None for a in assign) and _relation_holds(spec.relation, assign[0], assign[1])
-        checks.append(1.0 if ok else 0.0)
+        relation_ok = 1.0 if ok else 0.0
+        checks.append(relation_ok)
     first = objs[0] if objs else None
     details = {
         "num_objects": len(objs),
         "strict": float(all(c == 1.0 for c in checks)),
+        # TA's checks one by one (NaN where the prompt has none): which of them two pictures differ in
+        "objects_ok": float(sum(hits)),  # how many of the prompt's objects are there in its colour and shape
+        "count_ok": count_ok,
+        "relation_ok": relation_ok,
         "color_ok": float(first is not None and first.color == spec.objects[0].color) if spec.template == "single" else math.nan,
         "shape_ok": float(first is not None and first.shape == spec.objects[0].shape) if spec.template == "single" else math.nan,
     }
