@@ -251,7 +251,7 @@ def build_autoencoder(out: Path, cfg: BuildConfig) -> dict:
     losses = train_vae(vae, corpus.media, cfg.vae_steps, cfg.batch_size, cfg.seed)
     stats["latent_shift"], stats["latent_scale"] = set_latent_normalisation(vae, encode_raw(vae, corpus.media))
     stats["seconds"], stats["final_loss"] = time.time() - t0, float(np.mean(losses[-100:]))
-    with shared_as_written(out):
+    with shared_as_written(out):  # safetensors writes 0600 files (genalign.files)
         vae.save_pretrained(out, safe_serialization=True)
     return stats
 
