@@ -563,13 +563,20 @@ def _load_backbone(path, directory: Path) -> nn.Module:
 def _load_saved_backbone(folder: Path, non_lora: dict[str, torch.Tensor]) -> nn.Module:
     """The `backbone/` folder `save_pretrained` writes. With a trained vision tower its weights are only in
     non_lora.safetensors (folders written before kept a copy in the backbone too: both load)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import AutoConfig, Qwen2VLModel
 
-    state = load_file(str(folder / "model.safetensors"))
-    if any(k.startswith("visual.") for k in state):
+    weights = folder / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as fh:  # names only: the tensors are read once, below
+        names = fh.keys()
+    if any(k.startswith("visual.") for k in names):
         return Qwen2VLModel.from_pretrained(folder).eval()
-    state.update({k: v for k, v in non_lora.items() if k.startswith("visual.")})
+    tower = {k: v for k, v in non_lora.items() if k.startswith("visual.")}
+    if not tower:
+        raise RewardLoadError(f"{str(weights)!r} has no vision tower and non_lora.safetensors none either: "
+                              "an incomplete checkpoint folder")
+    state = {**load_file(str(weights)), **tower}
     return Qwen2VLModel.from_pretrained(None, config=AutoConfig.from_pretrained(folder), state_dict=state).eval()
 
 

@@ -482,6 +482,11 @@ def test_a_trained_vision_tower_is_saved_once_and_folders_with_two_copies_still_
         after = load_reward_model(path)(videos, prompts)
         for dim in before:
             assert torch.allclose(before[dim], after[dim], atol=1e-5), (path, dim)
+    # the tower in neither file: a clear error, not a randomly initialised tower
+    save_file({k: v for k, v in load_file(str(folder / "non_lora.safetensors")).items() if not k.startswith("visual.")},
+              str(folder / "non_lora.safetensors"))
+    with pytest.raises(RewardLoadError, match="no vision tower"):
+        load_reward_model(folder)
 
 
 def test_video_reward_saved_without_its_base_keeps_lora_head_and_reward_token_embeddings(tmp_path):
