@@ -197,3 +197,27 @@ def test_short_pretraining_lowers_the_loss_and_saves_a_clip_folder_the_reward_tr
     prompts = ["red circle", "two blue squares", "green triangle left of yellow star"]
     with torch.no_grad():
         torch.testing.assert_close(reward(pixels, prompts), trainer.model.cpu().eval()(pixels, prompts))
+
+
+def test_a_larger_resolution_resizes_the_renders_inside_the_model_and_is_checked(tmp_path):
+    from genalign.rewards import load_reward_model
+    from genalign.rewards.clip_reward import resize_shortest_and_center_crop
+
+    from genalign.config import ConfigError
+
+    sizes = {"clip_width": 32, "clip_layers": 2, "clip_heads": 2, "clip_projection_dim": 16, "clip_resnet_width": 8}
+    cfg = CLIPPretrainConfig(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=8, pool_groups=16,
+                             warmup_steps=1, autoencoder=0.0, eval_images=0, report_to="none", progress_bar=False,
+                             checkpoint_every=0, resolution=64, **sizes)
+    trainer = CLIPPretrainTrainer.from_config(cfg)
+    batch = collate_caption_groups([trainer.pool.group(g) for g in range(4)])
+    assert batch["pixels"].shape[-1] == 32
+    loss, _ = trainer.compute_loss(batch)
+    model = trainer.model
+    big = resize_shortest_and_center_crop(batch["pixels"], 64, (64, 64))
+    want, _ = clip_contrastive_loss(model.encode_images(big), model.encode_text(batch["captions"]),
+                                    model.clip.logit_scale, batch["image_caption"], batch["text_positive"])
+    torch.testing.assert_close(loss, want)
+    assert load_reward_model(trainer.train().final_model_dir).crop_size == (64, 64)
+    with pytest.raises(ConfigError, match="'resolution': a multiple of 32"):
+        CLIPPretrainConfig(resolution=48)

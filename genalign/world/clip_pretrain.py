@@ -97,6 +97,8 @@ class CLIPPretrainConfig(WorldCLIPSize, TrainConfig):
     autoencoder: float = option(0.5, "share of groups passed through the world autoencoder's round trip")
     autoencoder_path: str | None = option(None, "the autoencoder folder (None: the shipped world autoencoder)")
     # the model: the world CLIP (WorldCLIPSize's keys: a ResNet or ViT image tower) with the world's tokenizer
+    resolution: int = option(32, "the CLIP's input size; the 32-pixel renders are resized to it inside the model "
+                                 "(and a reward fine-tuned from it keeps it)")
     eval_images: int = option(512, "held-out-prompt renders for the zero-shot check at the end (0: none)")
 
     def __post_init__(self):
@@ -108,6 +110,9 @@ class CLIPPretrainConfig(WorldCLIPSize, TrainConfig):
         for key in ("wrong_caption", "degraded", "quality_negatives", "composition_negatives", "autoencoder"):
             if not 0 <= getattr(self, key) <= 1:
                 bad(key, f"must be in [0, 1], got {getattr(self, key)}")
+        step = 32 if self.clip_image_tower == "resnet" else self.clip_patch_size  # the tower's total stride
+        if self.resolution < step or self.resolution % step:
+            bad("resolution", f"a multiple of {step} for the {self.clip_image_tower} tower, got {self.resolution}")
         if self.pool_groups < self.batch_size:
             bad("pool_groups", f"must be >= batch_size ({self.batch_size}), got {self.pool_groups}")
         if not isinstance(self.template_mix, dict) or not any(v > 0 for v in self.template_mix.values()):
@@ -311,9 +316,13 @@ class CLIPPretrainTrainer(Trainer):
         self.model.to(self.device)
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        from genalign.rewards.clip_reward import resize_shortest_and_center_crop
+
         from ..losses import clip_contrastive_loss
 
-        image_features = self.model.encode_images(batch["pixels"])
+        # the renders are 32 px; a CLIP of another `resolution` sees them resized as its scores would
+        pixels = resize_shortest_and_center_crop(batch["pixels"], self.model.resize_size, self.model.crop_size)
+        image_features = self.model.encode_images(pixels)
         text_features = self.model.encode_text(batch["captions"])
         loss, stats = clip_contrastive_loss(image_features, text_features, self.model.clip.logit_scale,
                                             batch["image_caption"], batch["text_positive"])
@@ -362,7 +371,7 @@ class CLIPPretrainTrainer(Trainer):
         logger.info("caption pool: %d groups, %d pictures (%d quality negatives, %d autoencoded) in %.0f s",
                     len(pool), len(pool.images), int((~pool.positive).sum()), int(pool.autoencoded.sum()),
                     time.time() - t0)
-        trainer = cls(config.build_world_clip(config.seed), config, pool)
+        trainer = cls(config.build_world_clip(config.seed, config.resolution), config, pool)
         trainer.pool_seconds = time.time() - t0
         return trainer
 
