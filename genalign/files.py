@@ -5,8 +5,9 @@ creates with mode 0600 and then renamed into place, whatever the process umask (
 holds for transformers', diffusers' and peft's `save_pretrained`, which call it). A reward model or LoRA trained by
 one user of a shared machine, or saved into a container image as root, then cannot be read by another user, while
 every other file of the folder can. Everything genalign writes goes through `publish_dir` / `publish_copy` (whole
-folders, atomically) or `share_like_umask` (a folder written in place), which give each file the mode a plain
-`open()` would have given it: 0o666 minus the umask.
+folders, atomically), `shared_as_written` (around a save into a folder that may hold other files) or
+`share_like_umask` (one file), which give each file the mode a plain `open()` would have given it: 0o666 minus
+the umask.
 """
 
 from __future__ import annotations

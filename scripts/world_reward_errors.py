@@ -8,8 +8,9 @@ PAIRS: Pick-a-Pic parquet written by `genalign world pairs --kind image` (defaul
 overall scores (mean of TA and VQ) differ by at least the annotators' tie margin. Prints the model's agreement with
 that label overall, by the size of the oracle's difference, by whether text alignment or only visual quality
 differs, by which of text alignment's checks differ (how many of the prompt's objects are right in colour and
-shape, the object count, the relation; each picture judged again here for them), and per prompt template; then where its accuracy with ties is lost (telling the oracle's ties from the
-rest by the size of its differences, or ordering the pairs). (`genalign eval-reward` gives the accuracy against the
+shape, the object count, the relation; each picture judged again here for them), and per prompt template; then
+where its accuracy with ties is lost (telling the oracle's ties from the rest by the size of its differences, or
+ordering the pairs). (`genalign eval-reward` gives the accuracy against the
 noisy annotators.)
 
 Then, off the generator's distribution: the share of N (default 200) clean render pairs of held-out prompts (a
