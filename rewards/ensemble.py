@@ -6,9 +6,9 @@
 
 Why: reward models trained on noisy preference labels disagree on the pairs that are hard to call, and their
 mean is right more often than any one of them (on the world's image pairs, two PickScore models trained apart
-agree with the annotators on 79.8% of the held-out pairs against 78.0% and 77.6% alone; README). Averaging also
-smooths what a generator being aligned could exploit in one model (Coste et al., "Reward Model Ensembles Help
-Mitigate Overoptimization", arXiv 2310.02743).
+agree with the annotators on 79.8% of the held-out pairs against 78.0% and 77.6% alone; docs/world-rewards.md).
+Averaging also smooths what a generator being aligned could exploit in one model (Coste et al., "Reward Model
+Ensembles Help Mitigate Overoptimization", arXiv 2310.02743).
 
 Scores: a dimension's raw ensemble score is the weighted mean of the members' normalised scores of that dimension
 (each member's own `(raw - mean) / std`), so members whose raw scales differ (a learned logit scale, another

@@ -57,13 +57,13 @@ class BuildConfig:
     reward_kinds: tuple[str, ...] = ("image", "video")
     reward_workdir: str = "runs/world-build/reward"  # caption pool runs, video pairs, training runs (never shipped)
     # K samples per train prompt, every two a pair (`genalign world pairs --samples-per-prompt K`): 8 samples of
-    # each of 1024 prompts make 28672 pairs, from the samples that 4096 two-sample pairs take (README: +2 points
-    # from scratch, +2.4 to +4.7 after stage 1 over 4096 such pairs); twice that, 57344 from 2048 prompts, +2.6
-    # more with the ResNet CLIP (about 42 min of sampling on one CPU core)
+    # each of 1024 prompts make 28672 pairs, from the samples that 4096 two-sample pairs take
+    # (docs/world-rewards.md: +2 from scratch, +2.4 to +4.7 after stage 1 over 4096 such pairs); twice that, 57344
+    # from 2048 prompts, +2.6 more with the ResNet CLIP (about 42 min of sampling on one CPU core)
     reward_image_pairs: int = 57344
     reward_image_samples_per_prompt: int = 8
     # sets of reward_image_pairs train pairs, seeds seed, seed + 2, seed + 3, ... (seed + 1 makes the held-out pairs),
-    # trained on together, five epochs: two sets +3.0 points over one, three +2.2 over two (README)
+    # trained on together, five epochs: two sets +3.0 points over one, three +2.2 over two (docs/world-rewards.md)
     reward_image_pair_sets: int = 3
     reward_image_heldout_pairs: int = 1024
     reward_clip_recipe: str = "world_clip_pretrain"  # stage 1: the world CLIP
@@ -75,12 +75,13 @@ class BuildConfig:
     # image reward members, each its own stage 1 and stage 2 with seed seed + j: more than one ships their mean
     # (an EnsembleReward)
     reward_image_members: int = 1
-    # the from-scratch run joins that ensemble: it errs unlike the pretrained members, which err alike (README:
-    # +2.6 points of oracle agreement with it, +1.0 with a second pretrained member), but reads clean renders worse
+    # the from-scratch run joins that ensemble: it errs unlike the pretrained members, which err alike
+    # (docs/world-rewards.md: +2.6 points of oracle agreement with it, +1.0 with a second pretrained member), but
+    # reads clean renders worse
     reward_image_scratch_member: bool = False
     reward_video_pairs: int = 3072  # about 0.6 s each on 2 busy cores (sampling, oracle, MP4): 31 min
     # K > 2: every two of K clips per prompt a pair, as for images; K = 8 (12288 pairs from 3512 clips) measured no
-    # better than the 3072 two-clip pairs (README), so two stays the default
+    # better than the 3072 two-clip pairs (docs/world-rewards.md), so two stays the default
     reward_video_samples_per_prompt: int = 2
     reward_video_heldout_pairs: int = 768  # 192 resolved differences of about ten points, 768 about five
     reward_video_recipe: str = "reward_videoreward_world"
@@ -88,12 +89,14 @@ class BuildConfig:
     reward_video_overrides: dict = field(default_factory=lambda: {"max_steps": 3000})
     # video stage 0: caption pretraining of the tiny Qwen2-VL on renders (genalign.world.video_caption_pretrain),
     # the world's stand-in for the pretrained VLM VideoReward starts from; the reward stages start from its model.
-    # MQ +5.1 and +7.5 points on the two 768-pair held-out sets (README), VQ and TA within noise; 30 min on one core
+    # MQ +5.1 and +7.5 points on the two 768-pair held-out sets (docs/world-rewards.md), VQ and TA within noise;
+    # 30 min on one core
     reward_video_caption: bool = True
     reward_video_caption_recipe: str = "world_video_caption"
     reward_video_caption_overrides: dict = field(default_factory=dict)
     # video stage 1 (0: none): TA on render pairs (`genalign world pairs --source renders`) before the sampled
-    # pairs; it lifted held-out TA from 50.4 to 59.3 (README); 400 steps on 768 pairs after it forgot it again
+    # pairs; it lifted held-out TA from 50.4 to 59.3 (docs/world-rewards.md); 400 steps on 768 pairs after it
+    # forgot it again
     reward_video_render_pairs: int = 4096
     reward_video_render_overrides: dict = field(
         default_factory=lambda: {"max_steps": 1200, "dims": {"VQ": 0, "MQ": 0, "TA": 1}})  # TA only: VQ/MQ tie there

@@ -352,7 +352,7 @@ def build_reward_models(out: Path, cfg) -> dict[str, Any]:
         stats["image_pairs"] = pairs
 
         # stage 1: the world CLIP, one per ensemble member (seeds seed, seed + 1, ...): members fine-tuned from one
-        # CLIP err alike (README), from CLIPs pretrained apart less so
+        # CLIP err alike (docs/world-rewards.md), from CLIPs pretrained apart less so
         clip_dirs = []
         for j in range(cfg.reward_image_members):
             name = "clip_pretrain" if j == 0 else f"clip_pretrain_member{j}"
