@@ -132,6 +132,13 @@ def test_pickapic_parquet_decodes_png_bytes_exactly_and_maps_labels(tmp_path):
     assert (s["rows"], s["pairs"], s["a_wins"], s["b_wins"], s["ties"], s["ties_half"]) == (4, 4, 2, 1, 1, 1)
     clone = pickle.loads(pickle.dumps(ds))  # what DataLoader workers get: the parquet file is reopened
     np.testing.assert_array_equal(clone[3].media_b, images[7])
+    # indexed like a list: slices, negative indices, iteration that stops at the end
+    assert [p.prompt for p in ds[1:4:2]] == ["prompt 1", "prompt 3"]
+    np.testing.assert_array_equal(ds[-1].media_a, images[6])
+    assert ds[-1].source == f"{path}#3"
+    assert [p.prompt for p in ds] == [f"prompt {i}" for i in range(4)]
+    with pytest.raises(IndexError):
+        ds[4]
 
 
 def test_truncated_jpeg_is_caught_by_the_header_check(tmp_path):

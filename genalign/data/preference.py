@@ -277,7 +277,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> PreferencePair:
+    def __getitem__(self, i: int | slice) -> PreferencePair | list[PreferencePair]:
+        if isinstance(i, slice):  # `dataset[:8]`, as for a list
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # negative indices; out of range: IndexError, which also ends `for pair in dataset`
         r = self.records[i]
         return self.pair_with_media(i, self.load_medium(i, r.a), self.load_medium(i, r.b))
 
