@@ -50,8 +50,9 @@ def test_shipped_image_reward_prefers_the_oracles_choice_on_clean_vs_wrong_rende
     agree = [(sc > sw) == (o > 0) for sc, sw, o in zip(scores_clean, scores_wrong, oracle) if o != 0]
     # Well above chance (0.5; 0.7 is four standard errors above it at 96 pairs). Renders are not what the model
     # is tuned on: the generator's samples are (BUILD.json: its held-out accuracy there); on 200 such render pairs
-    # (scripts/world_reward_errors.py) the shipped model (64 px) agrees on 0.915, the 32-px ones shipped before (all,
-    # 2/3, 1/3 and 1/6 of the pairs) on 0.81, 0.805, 0.80 and 0.85, the ViT model before them on 0.70, a ResNet fine-tuned at lr 5e-4 on 0.615
+    # (scripts/world_reward_errors.py) the shipped model (64 px) agrees on 0.915, the 32-px ones shipped before
+    # (all, 2/3, 1/3 and 1/6 of the pairs) on 0.81, 0.805, 0.80 and 0.85, the ViT model before them on 0.70, a
+    # ResNet fine-tuned at lr 5e-4 on 0.615
     # (docs/world-rewards.md: "Which stage 2").
     assert np.mean(agree) >= 0.7, f"the reward agrees with the oracle on {np.mean(agree):.2f} of the pairs"
 
