@@ -52,6 +52,31 @@ def test_built_video_model_loads_in_a_fresh_process(built):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("FramewiseAutoencoderKL")
+    # diffusers' type check would warn on every load that a Wan VAE was expected: the world's VAE is one by design
+    assert "Expected types for vae" not in out.stderr
+
+
+def test_quiet_type_warnings_drops_only_the_named_components_type_warning():
+    import logging
+
+    from genalign.models.base import quiet_type_warnings
+
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        with quiet_type_warnings(["vae"]):
+            logger.warning("Expected types for vae: (AutoencoderKLWan,), got FramewiseAutoencoderKL.")
+            logger.warning("Expected types for transformer: (WanTransformer3DModel,), got UNet2DModel.")
+            logger.warning("Keyword arguments {'x': 1} are not expected by WanPipeline and will be ignored.")
+        logger.warning("Expected types for vae: (AutoencoderKLWan,), got FramewiseAutoencoderKL.")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["Expected types for transformer: (WanTransformer3DModel,), got UNet2DModel.",
+                    "Keyword arguments {'x': 1} are not expected by WanPipeline and will be ignored.",
+                    "Expected types for vae: (AutoencoderKLWan,), got FramewiseAutoencoderKL."]
 
 
 def test_built_video_model_loads_and_samples_clips(built):
