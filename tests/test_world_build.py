@@ -66,6 +66,8 @@ def test_quiet_type_warnings_drops_only_the_named_components_type_warning():
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
     logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # whatever DIFFUSERS_VERBOSITY says
     try:
         with quiet_type_warnings(["vae"]):
             logger.warning("Expected types for vae: (AutoencoderKLWan,), got FramewiseAutoencoderKL.")
@@ -74,6 +76,7 @@ def test_quiet_type_warnings_drops_only_the_named_components_type_warning():
         logger.warning("Expected types for vae: (AutoencoderKLWan,), got FramewiseAutoencoderKL.")
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     assert seen == ["Expected types for transformer: (WanTransformer3DModel,), got UNet2DModel.",
                     "Keyword arguments {'x': 1} are not expected by WanPipeline and will be ignored.",
                     "Expected types for vae: (AutoencoderKLWan,), got FramewiseAutoencoderKL."]
